@@ -1,0 +1,52 @@
+"""Events the sampler emits while it decodes, for streaming UIs and analysis.
+
+All events carry the batch ``row`` they belong to. A consumer that only wants text can
+watch :class:`Commit`; the demo draws every :class:`Draft` as a row of slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BlockStart:
+    row: int
+    k: int  # horizon of the block (chosen by the K-head, or k_max without one)
+    position: int  # number of new tokens committed before this block
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One denoising forward: the block's slots after it (``None`` = still a mask)."""
+
+    row: int
+    iteration: int
+    slots: list[int | None]
+    confidences: list[float]
+    decided: list[bool] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Verify:
+    """Verification of a drafted block against the causal (greedy AR) predictions."""
+
+    row: int
+    accepted: int  # drafted slots that matched the causal argmax
+    correction: int | None  # causal token that replaced the first mismatch, if any
+
+
+@dataclass(frozen=True)
+class Commit:
+    row: int
+    tokens: list[int]  # newly committed token ids (exactly greedy AR tokens)
+    total: int  # new tokens committed so far in this row
+
+
+@dataclass(frozen=True)
+class Finished:
+    row: int
+    reason: str  # "eos" or "length"
+
+
+Event = BlockStart | Draft | Verify | Commit | Finished

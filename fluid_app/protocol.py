@@ -1,0 +1,53 @@
+"""The small contract between the backend-agnostic sampler and a tensor library.
+
+A backend only has to run a *standard causal forward* over new tokens on top of a KV cache
+and then keep a prefix of what it just appended. Every FLUID draft, verification and AR
+step is such a forward (FLUID_METHOD.md section 5), so no custom attention mask is needed at
+inference. Results come back as small numpy arrays: the greedy token, its probability and
+the K-head's preferred horizon at each new position -- never full vocabularies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What the sampler needs from the outputs at ``T`` new positions of ``B`` rows."""
+
+    tokens: np.ndarray  # [B, T] int64, argmax of the next-token distribution
+    confidence: np.ndarray  # [B, T] float32, probability of that argmax
+    horizon: np.ndarray | None  # [B, T] int64, argmax(K-head) + 1; None without a K-head
+
+
+@runtime_checkable
+class DecodeSession(Protocol):
+    """KV-cached state of a batch of rows, each with its own committed length."""
+
+    def forward(self, tokens: np.ndarray) -> StepOutput:
+        """Run ``tokens[B, T]`` at each row's next ``T`` positions; cache them provisionally."""
+
+    def commit(self, keep: Sequence[int]) -> None:
+        """Row ``b`` keeps the first ``keep[b]`` tokens of the last forward; the rest are dropped."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded model: tokenizer, limits, and a way to start decode sessions."""
+
+    name: str
+    device: str
+    tokenizer: Any  # a Hugging Face compatible tokenizer (encode/decode/apply_chat_template)
+    vocab_size: int
+    max_context: int
+    mask_token_id: int | None
+    eos_token_ids: frozenset[int]
+    has_k_head: bool
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> tuple[DecodeSession, StepOutput]:
+        """Prefill the prompts; return the session and the outputs at each last prompt token
+        (``[B, 1]`` arrays): the first new token and the first horizon."""

