@@ -15,7 +15,8 @@ NEW_MASK_TOKEN = "<|fluid_mask|>"
 
 def unused_special_token(tokenizer: Any) -> int | None:
     """Id of an unused special token of a Hugging Face tokenizer, or None if it has none."""
-    reserved = set(tokenizer.all_special_ids or [])
+    roles = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "cls_token_id")
+    reserved = {getattr(tokenizer, role, None) for role in roles}
     template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else ""
     candidates = [
         token_id

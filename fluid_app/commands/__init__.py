@@ -1,0 +1,50 @@
+"""Subcommands of the ``fluid`` CLI, plus the option groups several of them share."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..sampler import MODES
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default",
+                        help="'default', a model or FLUID checkpoint folder, a .gguf file, or a Hub id")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
+    parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, mps")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--mask-token-id", type=int, default=None,
+                        help="override the MASK token id (default: the checkpoint's or an unused special token)")
+
+
+def add_decode_options(parser: argparse.ArgumentParser, mode: bool = True) -> None:
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threshold", type=float, default=None, help="draft confidence to fix a slot (0, 1]")
+    parser.add_argument("--k-min", type=int, default=None, help="smallest horizon (block size)")
+    parser.add_argument("--k-max", type=int, default=None, help="largest horizon (block size)")
+    if mode:
+        parser.add_argument("--mode", default="fluid", choices=list(MODES))
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def load_model(args: argparse.Namespace):
+    """Load ``args.model`` with the shared model options, saying which backend was picked."""
+    import sys
+
+    from backends import pick_backend
+    from ..api import load
+
+    backend, reason = pick_backend(args.backend)
+    if args.backend == "auto" and not getattr(args, "json", False):
+        print(f"backend: {backend} ({reason})", file=sys.stderr)
+    options: dict[str, Any] = {"mask_token_id": args.mask_token_id}
+    if backend == "torch":
+        options.update(device=args.device, dtype=args.dtype)
+    return load(args.model, backend=backend, **options)
+
+
+def decode_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_new_tokens": args.max_new_tokens, "threshold": args.threshold,
+            "k_min": args.k_min, "k_max": args.k_max}
