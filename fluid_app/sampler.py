@@ -179,7 +179,7 @@ class Decoder:
                 yield BlockStart(b, window_k[b], len(self.results[b].token_ids))
 
         while any(active):
-            width = max(window_k[b] for b in rows if active[b])
+            width = max(1 + len(guesses[b]) for b in rows if active[b])
             feed = np.full((len(self.prompts), width), mask, dtype=np.int64)
             for b in rows:
                 if active[b]:
@@ -212,8 +212,11 @@ class Decoder:
                 pending[b] = exact
                 k = self._horizon(self._horizon_at(out, b, accepted), b, len(result.token_ids))
                 window_k[b] = min(k, window_limit or k)
-                drafts = [int(t) for t in out.tokens[b, accepted + 1 :]]
-                confs = [float(c) for c in out.confidence[b, accepted + 1 :]]
+                # Outputs past the first exact token are drafts only if that slot was fed as a
+                # MASK; after a wrong token they are conditioned on it, so start afresh.
+                rejected = correction is not None
+                drafts = [] if rejected else [int(t) for t in out.tokens[b, accepted + 1 :]]
+                confs = [] if rejected else [float(c) for c in out.confidence[b, accepted + 1 :]]
                 slots: list[int | None] = []
                 slot_conf: list[float] = []
                 for i in range(window_k[b] - 1):
@@ -223,6 +226,11 @@ class Decoder:
                     else:
                         slots.append(None)
                         slot_conf.append(confs[i] if i < len(confs) else 0.0)
+                if slots and all(g is not None for g in slots):
+                    # Every slot is a draft token: append masks so that, if all of them are
+                    # accepted, this same forward also drafts the block after them.
+                    slots += [None] * (window_k[b] - 1)
+                    slot_conf += [0.0] * (window_k[b] - 1)
                 guesses[b], guess_conf[b] = slots, slot_conf
                 if window_k[b] > 1:
                     yield BlockStart(b, window_k[b], len(result.token_ids))

@@ -45,6 +45,17 @@ def load_model(args: argparse.Namespace):
     return load(args.model, backend=backend, **options)
 
 
+def check_decode_options(args: argparse.Namespace) -> None:
+    """Reject impossible decoding flags before any model is loaded (seconds saved per typo)."""
+    from ..sampler import DecodeSettings
+
+    k_min = args.k_min if args.k_min is not None else min(args.k_max or 1, 1)
+    k_max = args.k_max if args.k_max is not None else max(k_min, 16)
+    threshold = 0.9 if args.threshold is None else args.threshold
+    DecodeSettings(mode=getattr(args, "mode", "fluid"), max_new_tokens=args.max_new_tokens,
+                   k_min=k_min, k_max=k_max, threshold=threshold).validate()
+
+
 def decode_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_new_tokens": args.max_new_tokens, "threshold": args.threshold,
             "k_min": args.k_min, "k_max": args.k_max}

