@@ -65,16 +65,16 @@ class DemoApp:
 
     def generate(self, prompt: str, model: str, backend: str, chat: bool, mode: str, max_new_tokens: float,
                  threshold: float, k_min: float, k_max: float, slow_ms: float) -> Iterator[tuple]:
-        """Stream one decode: status, slots, committed text, plot, stats, replay slider, state."""
+        """Stream one decode: status, slots, committed text, plot, stats, result, replay slider, state."""
         skip = gr.skip()
         try:
             _check_input(prompt, k_min, k_max)
-            yield ("loading model…", skip, "", skip, None, gr.Slider(value=0, maximum=1), None)
+            yield ("loading model…", skip, "", skip, "", None, gr.Slider(value=0, maximum=1), None)
             loaded, lock = self._load(model, backend)
             run = Run.start(loaded, lock, prompt, bool(chat), mode, max_new_tokens=int(max_new_tokens),
                             threshold=float(threshold), k_min=int(k_min), k_max=int(k_max))
         except FluidError as exc:
-            yield (f"error: {exc}", skip, skip, skip, skip, skip, skip)
+            yield (f"error: {exc}",) + (skip,) * 7
             raise _fail(str(exc)) from None
         token_text = TokenText(loaded.tokenizer)
         view = run.view
@@ -82,9 +82,9 @@ class DemoApp:
         last_update = last_plot = 0.0
         while not run.done:
             try:
-                item = run.step()
+                run.step()
             except FluidError as exc:
-                yield (f"error: {exc}", skip, skip, skip, skip, skip, skip)
+                yield (f"error: {exc}",) + (skip,) * 7
                 raise _fail(str(exc)) from None
             now = time.perf_counter()
             if run.done or not view.frames:
@@ -98,14 +98,13 @@ class DemoApp:
             if now - last_plot >= PLOT_INTERVAL_S:
                 plot, last_plot = plot_data(view.points), now
             yield (status, slots_html(view.frames[-1], token_text, view.horizons),
-                   loaded.decode(view.committed), plot, stats_text(view, run.busy), skip, skip)
-            del item
+                   loaded.decode(view.committed), plot, stats_text(view, run.busy), skip, skip, skip)
         result = run.generation.to_dict()
         result["seconds_compute"] = round(run.busy, 4)
         replay = {"key": self.cache.key(model, backend), "view": view}
         frames = len(view.frames)
         yield (f"done: {stats_text(view, run.busy)}", slots_html(view.frames[-1], token_text, view.horizons),
-               run.generation.text, plot_data(view.points), result,
+               run.generation.text, plot_data(view.points), stats_text(view, run.busy), result,
                gr.Slider(minimum=0, maximum=max(frames - 1, 1), value=frames - 1, step=1, interactive=True),
                replay)
 
@@ -221,7 +220,7 @@ class DemoApp:
 
             gen_event = go.click(
                 self.generate, [prompt, model, backend, chat, mode, max_new, threshold, k_min, k_max, slow],
-                [status, live, text, plot, stats, replay_at, replay_state], api_name="generate",
+                [status, live, text, plot, stats, result, replay_at, replay_state], api_name="generate",
                 concurrency_id="decode", concurrency_limit=self.concurrency, show_progress="hidden")
             replay_at.input(self.replay, [replay_at, replay_state], [live, text, plot], api_name=False,
                             show_progress="hidden")
