@@ -114,3 +114,4 @@ def test_plot_data_is_long_format():
     tpf = frame[frame.series == "tokens/forward"]["value"].tolist()
     assert tpf == [1.0, 3.0]
     assert plot_data([]).empty
+    assert str(plot_data([]).dtypes["value"]) == "float64"  # else the live plot's axis turns nominal

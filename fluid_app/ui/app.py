@@ -69,7 +69,7 @@ class DemoApp:
         skip = gr.skip()
         try:
             _check_input(prompt, k_min, k_max)
-            yield ("loading model…", skip, "", skip, "", None, gr.Slider(value=0, maximum=1), None)
+            yield ("loading model…", skip, "", None, "", None, gr.Slider(value=0, maximum=1), None)
             loaded, lock = self._load(model, backend)
             run = Run.start(loaded, lock, prompt, bool(chat), mode, max_new_tokens=int(max_new_tokens),
                             threshold=float(threshold), k_min=int(k_min), k_max=int(k_max))
@@ -95,7 +95,7 @@ class DemoApp:
                 continue
             last_update = now
             plot = skip
-            if now - last_plot >= PLOT_INTERVAL_S:
+            if view.points and now - last_plot >= PLOT_INTERVAL_S:  # an empty first frame breaks the chart
                 plot, last_plot = plot_data(view.points), now
             yield (status, slots_html(view.frames[-1], token_text, view.horizons),
                    loaded.decode(view.committed), plot, stats_text(view, run.busy), skip, skip, skip)
@@ -152,7 +152,7 @@ class DemoApp:
                 last_update = now
                 yield (status,) + panels() + (skip,)
         result = verdict(ar, fluid)
-        same = "identical outputs ✅" if result["identical"] else "outputs DIFFER ❌"
+        same = "identical outputs (lossless)" if result["identical"] else "outputs DIFFER (not lossless: a bug)"
         summary = (f"**FLUID {result['speedup']:.2f}× AR** ({result['fluid_tokens_per_s']:.1f} vs "
                    f"{result['ar_tokens_per_s']:.1f} tokens/s; {result['fluid_tokens_per_forward']:.2f} vs "
                    f"{result['ar_tokens_per_forward']:.2f} tokens/forward) · {same}")
@@ -172,7 +172,7 @@ class DemoApp:
                     gr.Examples(EXAMPLES, inputs=prompt)
                 with gr.Column(scale=1):
                     chat = gr.Checkbox(label="Chat (wrap in the chat template)", value=True)
-                    max_new = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens")
+                    max_new = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens", elem_id="fluid-max-new")
                     slow = gr.Slider(0, 1000, value=0, step=10, label="Slow motion (ms per view update)",
                                      elem_id="fluid-slow")
             with gr.Accordion("Model and sampler settings", open=False):
@@ -196,9 +196,10 @@ class DemoApp:
                     text = gr.Textbox(label="Committed text", lines=6, interactive=False, elem_id="fluid-text")
                     with gr.Row():
                         plot = gr.LinePlot(x="forward", y="value", color="series", label="Tokens per forward and k",
-                                           x_title="forward", y_title="", height=260)
+                                           x_title="forward", y_title="", height=300)
                         stats = gr.Textbox(label="Stats", interactive=False, elem_id="fluid-stats")
-                    result = gr.JSON(label="Result (as fluid generate --json)")
+                    with gr.Accordion("Result (as fluid generate --json)", open=False):
+                        result = gr.JSON(show_label=False)
                     replay_at = gr.Slider(0, 1, value=0, step=1, label="Replay: step through the finished decode",
                                           interactive=True, elem_id="fluid-replay")
                     replay_state = gr.State(None)

@@ -262,7 +262,9 @@ def plot_data(points: Sequence[dict[str, float]]):
 
     rows = [{"forward": p["forward"], "value": p[name], "series": name}
             for p in points for name in ("tokens/forward", "mean tokens/forward", "k")]
-    return pd.DataFrame(rows, columns=["forward", "value", "series"])
+    frame = pd.DataFrame(rows, columns=["forward", "value", "series"])
+    # typed even when empty: the plot fixes its axis types from the first frame it gets
+    return frame.astype({"forward": "int64", "value": "float64", "series": "str"})
 
 
 def stats_text(view: LiveView, seconds: float) -> str:
