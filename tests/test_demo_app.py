@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -94,9 +95,13 @@ def test_concurrent_clients_get_their_own_complete_outputs(served):
     reference = fluid_app.load(model, backend="torch", device="cpu")
     expected = [reference.generate(p, chat=True, **SETTINGS).text for p in prompts]
     results: dict[int, tuple] = {}
+    spans: dict[int, tuple[float, float]] = {}
 
     def user(i: int) -> None:  # each user has its own client (its own Gradio session)
-        results[i] = generate(gradio_client.Client(url, verbose=False), model, prompts[i], slow_ms=10)
+        client = gradio_client.Client(url, verbose=False)
+        started = time.perf_counter()
+        results[i] = generate(client, model, prompts[i], slow_ms=10)
+        spans[i] = (started, time.perf_counter())
 
     threads = [threading.Thread(target=user, args=(i,)) for i in range(2)]
     for t in threads:
@@ -108,6 +113,8 @@ def test_concurrent_clients_get_their_own_complete_outputs(served):
         assert results[i][2] == expected[i]
         assert results[i][5]["new_tokens"] == len(results[i][5]["token_ids"])
     assert expected[0] != expected[1]
+    # the two decodes really ran at the same time on the one cached model object
+    assert max(spans[0][0], spans[1][0]) < min(spans[0][1], spans[1][1])
 
 
 def test_fluid_demo_with_a_bad_model_exits_2_with_one_line():

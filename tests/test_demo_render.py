@@ -115,3 +115,17 @@ def test_plot_data_is_long_format():
     assert tpf == [1.0, 3.0]
     assert plot_data([]).empty
     assert str(plot_data([]).dtypes["value"]) == "float64"  # else the live plot's axis turns nominal
+
+
+def test_the_ui_never_imports_torch_or_mlx():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, fluid_app.ui.app, fluid_app.commands.demo; "
+            "print(sorted(m for m in ('torch', 'mlx') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
