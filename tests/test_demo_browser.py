@@ -102,9 +102,12 @@ def status(page) -> str:
 def test_live_view_streams_block_states_then_replays(page, tmp_path):
     page.locator("#fluid-prompt textarea").fill("Once upon a time")
     set_number(page, "fluid-max-new", 10)
-    set_number(page, "fluid-slow", 60)  # slow motion, so every state is on screen for a moment
+    set_number(page, "fluid-slow", 100)  # slow motion, so every state is on screen for a moment
     page.evaluate(OBSERVE)
     page.click("#fluid-generate")
+    page.wait_for_function("() => window.__live.some(s => s.includes('fluid-slot fluid-draft'))",
+                           timeout=120_000)
+    page.screenshot(path=str(tmp_path / "fluid-demo-live.png"), full_page=True)  # mid-decode
     page.wait_for_function("() => document.querySelector('#fluid-status textarea').value.startsWith('done')",
                            timeout=120_000)
     states = page.evaluate("() => window.__live")
@@ -118,6 +121,7 @@ def test_live_view_streams_block_states_then_replays(page, tmp_path):
 
     page.screenshot(path=str(tmp_path / "fluid-demo.png"), full_page=True)
     page.screenshot(path="/tmp/fluid-demo.png", full_page=True)
+    shutil.copy(tmp_path / "fluid-demo-live.png", "/tmp/fluid-demo-live.png")
     assert (tmp_path / "fluid-demo.png").stat().st_size > 10_000
 
     set_number(page, "fluid-replay", 0)  # step back to the first frame

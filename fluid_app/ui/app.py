@@ -196,7 +196,7 @@ class DemoApp:
                     text = gr.Textbox(label="Committed text", lines=6, interactive=False, elem_id="fluid-text")
                     with gr.Row():
                         plot = gr.LinePlot(x="forward", y="value", color="series", label="Tokens per forward and k",
-                                           x_title="forward", y_title="", height=300)
+                                           x_title="forward", y_title="", height=340)
                         stats = gr.Textbox(label="Stats", interactive=False, elem_id="fluid-stats")
                     with gr.Accordion("Result (as fluid generate --json)", open=False):
                         result = gr.JSON(show_label=False)

@@ -138,8 +138,8 @@ class LiveView:
         return f"drafted {drafted} of {len(slots) - 1} slots; the next forward verifies them"
 
     def _verify(self, ev: Verify) -> str:
+        self.forwards += 1  # verification is a forward of its own (reference) or the fused one
         if self.mode == "reference":
-            self.forwards += 1
             self._recommit_pending = ev.correction is not None
         offset = 1 if self.mode == "fluid" else 0
         self._accepted = ev.accepted
@@ -160,10 +160,10 @@ class LiveView:
     def _commit(self, ev: Commit) -> str:
         self._commits += 1
         first = self._commits == 1 and self.mode != "reference"  # from the prefill forward
-        if self.mode != "reference" and not first:
-            self.forwards += 1
-        self.committed.extend(int(t) for t in ev.tokens)
         verified, self._verified = self._verified, False
+        if self.mode != "reference" and not first and not verified:
+            self.forwards += 1  # a one-token window: no Verify event, the forward shows up here
+        self.committed.extend(int(t) for t in ev.tokens)
         if self.mode == "ar" or (self.mode == "fluid" and not verified):  # a window of one token
             self.slots = [Slot(int(t), "exact", 1.0) for t in ev.tokens]
         elif self.mode == "fluid" and len(ev.tokens) == self._accepted + 1:
