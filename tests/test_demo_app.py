@@ -121,3 +121,24 @@ def test_fluid_demo_with_a_bad_model_exits_2_with_one_line():
     done = run_cli("demo", "--model", "/no/such/model", "--backend", "torch", timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_default_smollm2_streams_its_greedy_answer(smollm2):
+    """The embedded default model through the page, chat template and all (no second load)."""
+    from fluid_app.ui.app import DemoApp, theme
+    from fluid_app.ui.runner import ModelCache
+
+    cache = ModelCache()
+    cache.put("default", "torch", smollm2)
+    demo = DemoApp(cache, "default", "torch").build()
+    _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, theme=theme(), ssr_mode=False,
+                            quiet=True)
+    try:
+        client = gradio_client.Client(url, verbose=False)
+        out = generate(client, "default", "What is the capital of France?", max_new_tokens=16, k_min=4, k_max=16)
+    finally:
+        demo.close()
+    expected = smollm2.generate("What is the capital of France?", chat=True, max_new_tokens=16, k_min=4, k_max=16)
+    assert out[2] == expected.text and "Paris" in out[2]
+    assert out[5]["token_ids"] == expected.token_ids
