@@ -1,0 +1,158 @@
+"""End to end in a real headless Chromium: ``python app.py`` serving, Playwright typing.
+
+Needs Debian's ``chromium`` (/usr/bin/chromium) and ``pip install playwright``; the test
+never downloads a browser (no ``playwright install``) and skips cleanly without them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("FLUID_CHROMIUM", "/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium", allow_module_level=True)
+
+# Records every distinct state of the live view (and of the status box) as the page changes.
+OBSERVE = """() => {
+  window.__live = []; window.__status = [];
+  const live = document.querySelector('#fluid-live');
+  const record = () => {
+    const view = live.querySelector('.fluid-live');
+    const html = view ? view.outerHTML : '';
+    if (window.__live[window.__live.length - 1] !== html) window.__live.push(html);
+  };
+  new MutationObserver(record).observe(live, {subtree: true, childList: true, characterData: true,
+                                               attributes: true});
+  record();
+}"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    """``python app.py`` on a tiny Llama, as a user starts it."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_model_dir("llama")), "--backend",
+                             "torch", "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"app.py did not start:\n{proc.stdout.read()}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    page = browser.new_page(viewport={"width": 1280, "height": 1500})
+    page.goto(server)
+    page.wait_for_selector("#fluid-generate", timeout=60_000)
+    yield page
+    page.close()
+
+
+def set_number(page, elem_id: str, value: int) -> None:
+    """Type into a Gradio slider's number box (what a user does to set an exact value)."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def status(page) -> str:
+    return page.locator("#fluid-status textarea").input_value()
+
+
+def test_live_view_streams_block_states_then_replays(page, tmp_path):
+    page.locator("#fluid-prompt textarea").fill("Once upon a time")
+    set_number(page, "fluid-max-new", 10)
+    set_number(page, "fluid-slow", 100)  # slow motion, so every state is on screen for a moment
+    page.evaluate(OBSERVE)
+    page.click("#fluid-generate")
+    page.wait_for_function("() => window.__live.some(s => s.includes('fluid-slot fluid-draft'))",
+                           timeout=120_000)
+    page.screenshot(path=str(tmp_path / "fluid-demo-live.png"), full_page=True)  # mid-decode
+    page.wait_for_function("() => document.querySelector('#fluid-status textarea').value.startsWith('done')",
+                           timeout=120_000)
+    states = page.evaluate("() => window.__live")
+    final = states[-1]
+    intermediate = [s for s in states[:-1] if "fluid-slot" in s]
+    assert len(set(intermediate)) >= 2, states
+    assert "finished" in final and "fluid-slot" in final
+    assert any("fluid-mask" in s for s in intermediate)  # blocks start as masks
+    assert page.locator("#fluid-text textarea").input_value().strip() != ""
+    assert "10 tokens" in page.locator("#fluid-stats textarea").input_value()
+
+    page.screenshot(path=str(tmp_path / "fluid-demo.png"), full_page=True)
+    page.screenshot(path="/tmp/fluid-demo.png", full_page=True)
+    shutil.copy(tmp_path / "fluid-demo-live.png", "/tmp/fluid-demo-live.png")
+    assert (tmp_path / "fluid-demo.png").stat().st_size > 10_000
+
+    set_number(page, "fluid-replay", 0)  # step back to the first frame
+    page.wait_for_function("() => document.querySelector('#fluid-live').innerText.includes('replay: frame 1 of')",
+                           timeout=30_000)
+
+
+def test_empty_prompt_shows_a_readable_error(page):
+    page.locator("#fluid-prompt textarea").fill("")
+    page.click("#fluid-generate")
+    page.wait_for_function(
+        "() => document.querySelector('#fluid-status textarea').value.includes('the prompt is empty')",
+        timeout=60_000)
+    assert status(page) == "error: the prompt is empty; type something in the Prompt box"
+    toast = page.get_by_text("the prompt is empty; type something in the Prompt box").first
+    toast.wait_for(timeout=10_000)
+    assert "Traceback" not in page.content()
+
+
+def test_stop_cancels_generation_promptly(page):
+    page.locator("#fluid-prompt textarea").fill("Once upon a time")
+    set_number(page, "fluid-max-new", 200)
+    set_number(page, "fluid-slow", 200)
+    page.evaluate(OBSERVE)
+    page.click("#fluid-generate")
+    page.wait_for_function("() => window.__live.length >= 4", timeout=60_000)
+    page.click("#fluid-stop")
+    page.wait_for_function("() => document.querySelector('#fluid-status textarea').value === 'stopped'",
+                           timeout=10_000)
+    time.sleep(1.0)  # a last update may already be in flight
+    settled = page.evaluate("() => window.__live.length")
+    time.sleep(2.0)  # at 200 ms per update a running decode would add ~10 states here
+    assert page.evaluate("() => window.__live.length") == settled
+    assert not status(page).startswith("done")
