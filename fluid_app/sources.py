@@ -115,13 +115,7 @@ def _package_file(reference: str) -> Path:
 def _hub_snapshot(repo_id: str) -> Path:
     """A Hub id resolved from the local cache only (``fluid pull`` downloads)."""
     try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        from .hub import cached_snapshot
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise FluidError("huggingface_hub is not installed; pip install huggingface_hub") from None
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except LocalEntryNotFoundError:
-        raise FluidError(
-            f"model {repo_id!r} is not in the local Hugging Face cache; run: fluid pull {repo_id}"
-        ) from None
+    return cached_snapshot(repo_id)

@@ -42,7 +42,12 @@ def load_model(args: argparse.Namespace):
     options: dict[str, Any] = {"mask_token_id": args.mask_token_id}
     if backend == "torch":
         options.update(device=args.device, dtype=args.dtype)
-    return load(args.model, backend=backend, **options)
+    model = load(args.model, backend=backend, **options)
+    if model.spec.fluid is None:
+        from .pull import no_adapter_notice
+
+        print(no_adapter_notice(args.model), file=sys.stderr)
+    return model
 
 
 def decode_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,23 @@
+"""``fluid push DIR REPO_ID``: upload a FLUID checkpoint with a generated model card."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..hub import push
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("push", help="upload a FLUID checkpoint to the Hugging Face Hub")
+    parser.add_argument("folder", metavar="DIR", help="FLUID checkpoint folder (adapter or merged)")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="owner/name; created if it does not exist")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--revision", default=None, help="branch to push to (created if needed; default main)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(f"uploading {args.folder} to {args.repo_id} ...", file=sys.stderr)
+    print(push(args.folder, args.repo_id, private=args.private, revision=args.revision))
+    return 0
