@@ -54,7 +54,12 @@ def _endpoint() -> str:
 def cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
     """The complete cached snapshot of ``repo_id`` (no network), or a one-line error naming the fix."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:  # huggingface_hub >= 2: a snapshot missing files of its cached listing
+        from huggingface_hub.errors import IncompleteSnapshotError
+    except ImportError:  # pragma: no cover - older clients
+        IncompleteSnapshotError = ()  # type: ignore[assignment]
 
     _check_repo_id(repo_id)
     rev = f" --revision {revision}" if revision else ""

