@@ -145,7 +145,7 @@ def has_fluid_files(folder: Path) -> bool:
 # ---------------------------------------------------------------- push
 
 def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, keep_readme: bool = False) -> str:
+         commit_message: str | None = None, keep_readme: bool = False, base_model: str | None = None) -> str:
     """Create ``repo_id`` if needed and upload ``folder`` plus a model card in one commit.
 
     The card is generated (peft and transformers leave a boilerplate README.md in saved
@@ -162,11 +162,14 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     if _offline():
         raise FluidError("HF_HUB_OFFLINE=1 is set; unset it to push")
     files = sorted(_upload_files(folder))
+    fluid_json = _portable_fluid_config(folder, base_model)
     own = folder / "README.md"
-    card = own.read_bytes() if keep_readme and own.exists() else model_card(folder, repo_id).encode()
+    card = own.read_bytes() if keep_readme and own.exists() else model_card(folder, repo_id, base_model).encode()
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in files
-                  if rel != "README.md"]
+                  if rel not in ("README.md", CONFIG_FILENAME)]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+    if fluid_json is not None:
+        operations.append(CommitOperationAdd(path_in_repo=CONFIG_FILENAME, path_or_fileobj=fluid_json))
     api = HfApi()
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -185,6 +188,25 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     return str(getattr(info, "commit_url", url))
 
 
+def _portable_fluid_config(folder: Path, base_model: str | None) -> bytes | None:
+    """fluid_config.json as uploaded: an adapter's base must be something a puller can fetch."""
+    if not (folder / CONFIG_FILENAME).exists():
+        return None
+    config = FluidConfig.load(folder)
+    if base_model is not None:
+        if not base_model.startswith("package:"):
+            _check_repo_id(base_model)
+        config = config.with_overrides(base_model=base_model)
+    base = config.base_model
+    is_adapter = (folder / "adapter_config.json").exists() and not (folder / "config.json").exists()
+    portable = bool(base) and (base.startswith("package:") or (HUB_ID.match(base) and not Path(base).exists()))
+    if is_adapter and not portable:
+        raise FluidError(f"{folder} is a LoRA adapter on the local base {base!r}, which others cannot fetch; "
+                         "pass --base-model OWNER/NAME (its Hub id) or push a merged export "
+                         "(fluid export DIR OUT --merge)")
+    return (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
+
 def _upload_files(folder: Path) -> Iterable[str]:
     """Files to upload: everything but hidden files and leftovers of interrupted writes."""
     for path in folder.rglob("*"):
@@ -194,9 +216,11 @@ def _upload_files(folder: Path) -> Iterable[str]:
             yield rel.as_posix()
 
 
-def model_card(folder: Path, repo_id: str) -> str:
+def model_card(folder: Path, repo_id: str, base_model: str | None = None) -> str:
     """A README.md for a FLUID checkpoint: base model, recipe, bench table, usage, license."""
     config = FluidConfig.load(folder) if (folder / CONFIG_FILENAME).exists() else FluidConfig()
+    if base_model:
+        config = config.with_overrides(base_model=base_model)
     base = config.base_model or config.extra.get("original_base_model")
     license_ = base_license(base) or _card_license(folder / "README.md") or "other"
     meta = ["---", f"license: {license_}", "library_name: transformers", "pipeline_tag: text-generation",

@@ -83,9 +83,6 @@ def checkpoints(tiny_model_dir, tmp_path_factory):
     original = make_adapter_checkpoint(tiny_model_dir("llama"), root / "original")
     publish = root / "publish"
     shutil.copytree(original, publish)
-    config = json.loads((publish / "fluid_config.json").read_text())
-    config["base_model"] = "org/tiny-base"
-    (publish / "fluid_config.json").write_text(json.dumps(config))
     bench = {"prompts": 2, "speedup": 1.31, "identical": True,
              "modes": {"ar": {"tokens": 32, "forwards": 32, "tokens_per_s": 100.0, "tokens_per_forward": 1.0},
                        "fluid": {"tokens": 32, "forwards": 20, "tokens_per_s": 131.0, "tokens_per_forward": 1.6}}}
@@ -98,11 +95,16 @@ def test_push_pull_generate_matches_original(hub, online, checkpoints, tiny_mode
     base = tiny_model_dir("llama")
     (base / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
     ok(run_cli("push", str(base), "org/tiny-base", "--keep-readme"))
-    ok(run_cli("push", str(publish), "org/tiny-fluid", "--private"))
+    # the adapter's base is a local folder: pushing it as is would publish an unloadable repo
+    fails(run_cli("push", str(publish), "org/tiny-fluid"), "--base-model", "fluid export")
+    assert "org/tiny-fluid" not in hub.state.repos
+    ok(run_cli("push", str(publish), "org/tiny-fluid", "--private", "--base-model", "org/tiny-base"))
     assert hub.state.repos["org/tiny-fluid"].private
     files = latest_files(hub, "org/tiny-fluid")
     assert {"adapter_config.json", "adapter_model.safetensors", "fluid_config.json", "k_head.safetensors",
             "bench.json", "README.md"} <= set(files)
+    assert json.loads(files["fluid_config.json"])["base_model"] == "org/tiny-base"
+    assert json.loads((publish / "fluid_config.json").read_text())["base_model"] == str(base)  # untouched
     card = files["README.md"].decode()
     for needle in ("base_model: org/tiny-base", "license: mit", "| fluid | 32 | 20 | 131.0 | 1.6 |",
                    "fluid pull org/tiny-fluid", "--backend mlx", '"lora_r": 4'):
@@ -250,4 +252,6 @@ def test_import_reference_needs_mask_id(tiny_model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
     fails(run_cli("import-reference", str(tiny_model_dir("llama")), str(tmp_path / "out")), "model_head.bin")
     unused = AutoTokenizer.from_pretrained(str(src)).convert_tokens_to_ids("<|unused|>")
-    ok(run_cli("import-reference", str(src), str(tmp_path / "out"), "--mask-token-id", str(unused)))
+    ok(run_cli("import-reference", str(src), str(tmp_path / "out"), "--mask-token-id", str(unused),
+               "--verify-tokens", "0"))
+    assert json.loads((tmp_path / "out" / "fluid_config.json").read_text())["mask_token_id"] == unused
