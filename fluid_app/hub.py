@@ -26,12 +26,13 @@ ALLOW_PATTERNS = [
 ]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_REF = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # owner/name[@revision], as --model takes
 MAX_BASE_DEPTH = 3  # adapter -> base -> ... ; bounded so a cycle of base_model names cannot loop
 
 
 def is_hub_id(text: str) -> bool:
-    """True for ``owner/name`` references that are not local paths."""
-    return bool(HUB_ID.match(text)) and not text.startswith((".", "/")) and not Path(text).expanduser().exists()
+    """True for ``owner/name[@revision]`` references that are not local paths."""
+    return bool(HUB_REF.match(text)) and not text.startswith((".", "/")) and not Path(text).expanduser().exists()
 
 
 def _check_repo_id(repo_id: str) -> None:
@@ -118,7 +119,8 @@ def pull(repo_id: str, revision: str | None = None, local_dir: str | os.PathLike
         if base and is_hub_id(base):
             if _depth >= MAX_BASE_DEPTH:
                 raise FluidError(f"{repo_id}: base_model chain is deeper than {MAX_BASE_DEPTH}; export a merged model")
-            pull(base, _depth=_depth + 1)
+            base_id, _, base_revision = base.partition("@")
+            pull(base_id, revision=base_revision or None, _depth=_depth + 1)
     return folder
 
 
@@ -195,11 +197,11 @@ def _portable_fluid_config(folder: Path, base_model: str | None) -> bytes | None
     config = FluidConfig.load(folder)
     if base_model is not None:
         if not base_model.startswith("package:"):
-            _check_repo_id(base_model)
+            _check_repo_id(base_model.partition("@")[0])
         config = config.with_overrides(base_model=base_model)
     base = config.base_model
     is_adapter = (folder / "adapter_config.json").exists() and not (folder / "config.json").exists()
-    portable = bool(base) and (base.startswith("package:") or (HUB_ID.match(base) and not Path(base).exists()))
+    portable = bool(base) and (base.startswith("package:") or is_hub_id(base))
     if is_adapter and not portable:
         raise FluidError(f"{folder} is a LoRA adapter on the local base {base!r}, which others cannot fetch; "
                          "pass --base-model OWNER/NAME (its Hub id) or push a merged export "
@@ -226,7 +228,7 @@ def model_card(folder: Path, repo_id: str, base_model: str | None = None) -> str
     meta = ["---", f"license: {license_}", "library_name: transformers", "pipeline_tag: text-generation",
             "tags:", "- fluid", "- parallel-decoding", "- diffusion"]
     if base and is_hub_id(str(base)):
-        meta.append(f"base_model: {base}")
+        meta.append(f"base_model: {str(base).partition('@')[0]}")
     meta.append("---")
     kind = "LoRA adapter" if (folder / "adapter_config.json").exists() else "merged weights"
     lines = meta + ["", f"# {repo_id.split('/')[-1]}", "",
@@ -283,8 +285,9 @@ def base_license(base: str | None) -> str | None:
         return _card_license((path if path.is_dir() else path.parent) / "README.md")
     if not is_hub_id(str(base)):
         return None
+    base_id, _, base_revision = str(base).partition("@")
     try:
-        return _card_license(cached_snapshot(str(base)) / "README.md")
+        return _card_license(cached_snapshot(base_id, base_revision or None) / "README.md")
     except FluidError:
         pass
     if _offline():
@@ -292,7 +295,7 @@ def base_license(base: str | None) -> str | None:
     try:  # one small request; a card we cannot read only costs the license line
         from huggingface_hub import hf_hub_download
 
-        return _card_license(Path(hf_hub_download(str(base), "README.md")))
+        return _card_license(Path(hf_hub_download(base_id, "README.md", revision=base_revision or None)))
     except Exception:
         return None
 

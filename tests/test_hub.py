@@ -126,7 +126,7 @@ def test_push_pull_generate_matches_original(hub, online, checkpoints, tiny_mode
     assert "has no FLUID adapter" in result.stderr and "fluid train stage1" in result.stderr
 
 
-def test_push_to_branch_and_pull_revision(hub, online, tiny_model_dir, tmp_path):
+def test_push_to_branch_and_pull_revision(hub, online, tiny_model_dir, tmp_path, monkeypatch):
     ok(run_cli("push", str(tiny_model_dir("llama")), "org/branchy", "--revision", "dev"))
     assert "config.json" in latest_files(hub, "org/branchy", "dev")
     assert "config.json" not in latest_files(hub, "org/branchy", "main")
@@ -135,6 +135,13 @@ def test_push_to_branch_and_pull_revision(hub, online, tiny_model_dir, tmp_path)
     assert Path(out.stdout.strip().splitlines()[-1]) == local.resolve()
     assert (local / "model.safetensors").read_bytes() == (tiny_model_dir("llama") / "model.safetensors").read_bytes()
     assert not (online / "hub" / "models--org--branchy").joinpath("snapshots").exists()
+    # into the cache, then --model owner/name@revision finds it offline
+    ok(run_cli("pull", "org/branchy", "--revision", "dev"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fails(run_cli("generate", "--model", "org/branchy", "--prompt", PROMPT), "fluid pull org/branchy")
+    result = ok(run_cli("generate", "--model", "org/branchy@dev", "--prompt", PROMPT, "--mode", "ar", "--json",
+                        "--backend", "torch", "--device", "cpu", "--max-new-tokens", str(N)))
+    assert json.loads(result.stdout)["token_ids"] == local_ids(tiny_model_dir("llama"), mode="ar")
 
 
 def test_offline_never_pulled_names_repo_and_fix(online, monkeypatch):
@@ -244,6 +251,29 @@ def test_import_reference_layout_decodes_losslessly(tiny_model_dir, tmp_path):
     hf = model.generate(ids, max_new_tokens=len(fluid_ids), do_sample=False, eos_token_id=None,
                         pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
     assert hf == fluid_ids
+
+
+def test_reference_k_head_is_mapped_by_shape_not_name(tmp_path):
+    """Other key names and h/4 != K: the tensors still land in the right places."""
+    from backends.torch_backend.reference import k_head_from_reference
+    from fluid_app.errors import FluidError
+
+    h, k = 32, 6
+    head = {"diffusion_k_head.fc_out.bias": torch.randn(k), "diffusion_k_head.fc_out.weight": torch.randn(k, h // 4),
+            "diffusion_k_head.fc_in.weight": torch.randn(h // 4, h), "diffusion_k_head.fc_in.bias": torch.randn(h // 4),
+            "something_else.weight": torch.randn(3, 3)}
+    torch.save(head, tmp_path / "model_head.bin")
+    module = k_head_from_reference(tmp_path / "model_head.bin", h)
+    assert module.k_max == k
+    assert torch.equal(module.proj.weight, head["diffusion_k_head.fc_in.weight"])
+    assert torch.equal(module.proj.bias, head["diffusion_k_head.fc_in.bias"])
+    assert torch.equal(module.out.weight, head["diffusion_k_head.fc_out.weight"])
+    assert torch.equal(module.out.bias, head["diffusion_k_head.fc_out.bias"])
+    with pytest.raises(FluidError, match="hidden|fit"):
+        k_head_from_reference(tmp_path / "model_head.bin", 64)  # wrong model for this head
+    (tmp_path / "bad.bin").write_bytes(b"not a pickle")
+    with pytest.raises(FluidError, match="re-download"):
+        k_head_from_reference(tmp_path / "bad.bin", h)
 
 
 def test_import_reference_needs_mask_id(tiny_model_dir, tmp_path):

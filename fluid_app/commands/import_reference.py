@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     src = Path(args.src).expanduser()
     if not src.exists() and is_hub_id(args.src):
-        src = pull(args.src, follow_base=False)
+        repo_id, _, revision = args.src.partition("@")
+        src = pull(repo_id, revision=revision or None, follow_base=False)
     print(f"importing {args.src} ...", file=sys.stderr)
     out = import_reference(src, Path(args.out), mask_token_id=args.mask_token_id, dtype=args.dtype,
                            force=args.force, verify_tokens=args.verify_tokens)

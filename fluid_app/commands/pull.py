@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     folder = pull(args.repo_id, revision=args.revision, local_dir=args.local_dir)
     if not has_fluid_files(folder):
         print(no_adapter_notice(args.repo_id), file=sys.stderr)
-    use = args.local_dir or args.repo_id
+    use = args.local_dir or (f"{args.repo_id}@{args.revision}" if args.revision else args.repo_id)
     print(f"ready: fluid generate --model {use} --prompt ...", file=sys.stderr)
     print(folder)
     return 0
