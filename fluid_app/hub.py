@@ -86,6 +86,7 @@ def pull(repo_id: str, revision: str | None = None, local_dir: str | os.PathLike
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     _check_repo_id(repo_id)
+    again = f"fluid pull {repo_id}" + (f" --revision {revision}" if revision else "")
     if _offline():
         # nothing to download: succeed only if the cache already holds a complete snapshot
         folder = Path(local_dir) if local_dir else cached_snapshot(repo_id, revision)
@@ -104,15 +105,15 @@ def pull(repo_id: str, revision: str | None = None, local_dir: str | os.PathLike
                              "private set HF_TOKEN or run: hf auth login") from None
         except LocalEntryNotFoundError as exc:
             raise FluidError(f"cannot reach {_endpoint()} to download {repo_id} ({_first_line(exc)}); "
-                             f"check the connection and rerun: fluid pull {repo_id}") from None
+                             f"check the connection (and HF_ENDPOINT) and rerun: {again}") from None
         except (HfHubHTTPError, OSError) as exc:
             raise FluidError(f"download of {repo_id} failed ({_first_line(exc)}); rerun "
-                             f"`fluid pull {repo_id}` to resume where it stopped") from None
+                             f"`{again}` to resume where it stopped") from None
         except Exception as exc:  # httpx transport errors after the client's own retries
             if type(exc).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore"):
                 raise
             raise FluidError(f"download of {repo_id} was interrupted ({_first_line(exc)}); rerun "
-                             f"`fluid pull {repo_id}` to resume where it stopped") from None
+                             f"`{again}` to resume where it stopped") from None
     check_model_folder(folder, repo_id)
     if follow_base and (folder / CONFIG_FILENAME).exists() and not (folder / "config.json").exists():
         base = FluidConfig.load(folder).base_model

@@ -157,6 +157,14 @@ def test_bad_input_gives_one_line_errors(hub, online, tiny_model_dir, tmp_path, 
     ok(run_cli("push", str(tiny_model_dir("llama")), "org/plain"))
     fails(run_cli("pull", "org/plain", "--revision", "no-such-branch"), "no-such-branch", "--revision")
     fails(run_cli("push", str(tmp_path / "missing"), "org/x"), "not a folder")
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}")
+    fails(run_cli("pull", "org/plain"), "cannot reach", "HF_ENDPOINT", "fluid pull org/plain")
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
 
     # a repo that has weights but no tokenizer
     weights_only = tmp_path / "weights-only"
