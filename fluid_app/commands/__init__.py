@@ -10,7 +10,8 @@ from ..sampler import MODES
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
-                        help="'default', a model or FLUID checkpoint folder, a .gguf file, or a Hub id")
+                        help="'default', a model or FLUID checkpoint folder, a .gguf file, or a Hub id "
+                             "(owner/name[@revision], downloaded first with: fluid pull)")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, mps")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
@@ -42,7 +43,12 @@ def load_model(args: argparse.Namespace):
     options: dict[str, Any] = {"mask_token_id": args.mask_token_id}
     if backend == "torch":
         options.update(device=args.device, dtype=args.dtype)
-    return load(args.model, backend=backend, **options)
+    model = load(args.model, backend=backend, **options)
+    if model.spec.fluid is None:
+        from .pull import no_adapter_notice
+
+        print(no_adapter_notice(args.model), file=sys.stderr)
+    return model
 
 
 def check_decode_options(args: argparse.Namespace) -> None:

