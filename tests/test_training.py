@@ -174,6 +174,33 @@ def test_stage1_lowers_both_losses_and_stage2_touches_only_the_head(tiny_model_d
     assert loaded.generate("Paris is", mode="fluid", max_new_tokens=16).token_ids == ar.token_ids
 
 
+def test_added_mask_token_checkpoint_loads_and_decodes(tiny_model_dir, chat_file, tmp_path):
+    """A base without an unused special token: the MASK token is added, its embedding row is
+    trained and saved with the adapter, and loading adds and resizes before applying it."""
+    import shutil
+
+    import fluid_app
+    from fluid_app.mask_token import unused_special_token
+
+    base = tmp_path / "no-spare-token"
+    shutil.copytree(tiny_model_dir("llama"), base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template += "{# <|unused|> is taken #}"
+    tokenizer.save_pretrained(base)
+    assert unused_special_token(AutoTokenizer.from_pretrained(base)) is None
+    out = tmp_path / "added"
+    run_stage1(_opts(base, chat_file, out, steps=3))
+    config = json.loads((out / "fluid_config.json").read_text())
+    assert config["mask_token_id"] == len(tokenizer)
+    assert any("trainable_tokens" in k for k in load_file(str(out / "adapter_model.safetensors")))
+    model = fluid_app.load(str(out), backend="torch", device="cpu")
+    assert model.backend.model.get_input_embeddings().weight.shape[0] == len(tokenizer) + 1
+    again = fluid_app.load(str(out), backend="torch", device="cpu")
+    assert torch.equal(model.backend.model.get_output_embeddings().weight, again.backend.model.get_output_embeddings().weight)
+    ar = model.generate("Paris is", mode="ar", max_new_tokens=12)
+    assert model.generate("Paris is", mode="fluid", max_new_tokens=12, k_min=1).token_ids == ar.token_ids
+
+
 # ------------------------------------------------------------------------ 3. resume
 
 
@@ -195,60 +222,52 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, chat_file, tmp_p
                        load_file(str(split / "adapter_model.safetensors"))["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
 
 
-# ------------------------------------------------------------------- 4. distributed
-
-
-def test_torchrun_two_processes_match_one(tiny_model_dir, chat_file, tmp_path):
-    base = tiny_model_dir("llama")
-    common = ["train", "stage1", "--base", str(base), "--data", str(chat_file), "--k-max", "4", "--max-len", "96",
-              "--steps", "3", "--lr", "2e-3", "--device", "cpu", "--no-progress"]
-    single = run_cli(*common, "--out", str(tmp_path / "one"), "--batch-size", "2")
-    assert single.returncode == 0, single.stderr
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29531", "-m", "fluid_app", *common, "--out", str(tmp_path / "two"),
-                             "--batch-size", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert double.returncode == 0, double.stderr[-3000:]
-    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
-    assert len(one) == len(two) == 3
-    for x, y in zip(one, two):
-        assert abs(x["loss_ar"] - y["loss_ar"]) < 1e-5 and abs(x["loss_diff"] - y["loss_diff"]) < 1e-5
-    assert json.loads((tmp_path / "two" / "fluid_config.json").read_text())["extra"]["stage1"]["world_size"] == 2
-
-
 # ----------------------------------------------------------------------- 7. bad input
 
 
 def _assert_clean_error(result, out: Path, words: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and words in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    returncode, stderr = result
+    assert returncode == 2, stderr
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and words in lines[0], stderr
+    assert "Traceback" not in stderr
     assert not (out / "fluid_config.json").exists()
-    assert not out.exists() or not any(out.glob("*.safetensors"))
+    assert not out.exists() or not any(out.rglob("*.safetensors"))
 
 
-def test_bad_inputs_give_one_line_errors(tiny_model_dir, chat_file, tmp_path):
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    """The CLI's own entry point in-process (one subprocess run below shows the real thing)."""
+    from fluid_app.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_bad_inputs_give_one_line_errors(tiny_model_dir, chat_file, tmp_path, capsys):
     base = tiny_model_dir("llama")
     out = tmp_path / "out"
     args = ["train", "stage1", "--base", str(base), "--out", str(out), "--steps", "2", "--k-max", "4",
             "--device", "cpu", "--no-progress"]
-    _assert_clean_error(run_cli(*args, "--data", str(tmp_path / "missing.jsonl"), "--max-len", "64"), out,
-                        "not found")
+    missing = run_cli(*args, "--data", str(tmp_path / "missing.jsonl"), "--max-len", "64")
+    _assert_clean_error((missing.returncode, missing.stderr), out, "not found")
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"messages": [{"role": "user", "content": "no reply here"}]}) + "\n")
-    _assert_clean_error(run_cli(*args, "--data", str(empty), "--max-len", "64"), out, "no training examples left")
-    _assert_clean_error(run_cli(*args, "--data", str(chat_file), "--max-len", "4096"), out,
+    _assert_clean_error(_cli(capsys, *args, "--data", str(empty), "--max-len", "64"), out,
+                        "no training examples left")
+    _assert_clean_error(_cli(capsys, *args, "--data", str(chat_file), "--max-len", "4096"), out,
                         "longer than the model context")
-    # a resumable run from one base, resumed with another
+    # a resumable run from one base, resumed with another: refused before anything is written
     other = tiny_model_dir("qwen2")
-    first = run_cli(*args, "--data", str(chat_file), "--max-len", "64", "--stop-at-step", "1")
-    assert first.returncode == 0, first.stderr
-    resumed = run_cli("train", "stage1", "--base", str(other), "--out", str(out), "--steps", "2", "--k-max", "4",
-                      "--device", "cpu", "--data", str(chat_file), "--max-len", "64", "--resume")
-    _assert_clean_error(resumed, out, "was trained from base")
-    _assert_clean_error(run_cli("train", "stage2", "--model", str(tmp_path / "nope"), "--data", str(chat_file),
-                                "--out", str(tmp_path / "s2"), "--device", "cpu"), tmp_path / "s2", "not found")
+    assert _cli(capsys, *args, "--data", str(chat_file), "--max-len", "64", "--stop-at-step", "1")[0] == 0
+    before = sorted(p.name for p in out.rglob("*"))
+    resumed = _cli(capsys, "train", "stage1", "--base", str(other), "--out", str(out), "--steps", "2", "--k-max",
+                   "4", "--device", "cpu", "--data", str(chat_file), "--max-len", "64", "--resume")
+    returncode, stderr = resumed
+    assert returncode == 2 and "was trained from base" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in out.rglob("*")) == before and not (out / "fluid_config.json").exists()
+    _assert_clean_error(_cli(capsys, "train", "stage2", "--model", str(tmp_path / "nope"), "--data", str(chat_file),
+                             "--out", str(tmp_path / "s2"), "--device", "cpu"), tmp_path / "s2", "not found")
 
 
 # ----------------------------------------------------------------------- throughput

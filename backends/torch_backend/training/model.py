@@ -21,7 +21,7 @@ from fluid_app.layout import IGNORE_INDEX
 from fluid_app.mask_token import NEW_MASK_TOKEN, unused_special_token
 from fluid_app.sources import ModelSpec
 
-from ..loader import _context_length, _first_line, _quiet
+from ..loader import _context_length, _first_line, _quiet, add_embedding_rows
 
 
 @dataclass
@@ -58,7 +58,7 @@ def load_base(spec: ModelSpec, *, dtype: torch.dtype, attn_implementation: str,
         added = True
     rows = model.get_input_embeddings().weight.shape[0]
     if mask_token_id >= rows:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        add_embedding_rows(model, len(tokenizer))
         added = True
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

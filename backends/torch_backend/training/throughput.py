@@ -84,7 +84,7 @@ def measure(*, tiny: bool = False, seq_len: int = 1024, k_max: int = 16, batch_s
         ((s_ar + s_diff) / (n_ar + n_diff)).backward()
 
     fluid_seconds = _time(fluid_step, steps, warmup, device)
-    del fluid_model
+    fluid_model = None  # free its memory before building the causal model
     causal_model = _model(params, "sdpa", dtype, device, checkpointing)
     tokens = batch.input_ids
     labels = torch.where(batch.labels == -100, batch.labels, tokens)
