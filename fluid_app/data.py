@@ -170,16 +170,24 @@ def read_conversations(source: str, *, holdout: float = 0.0, split: str = "train
     ``holdout`` is the fraction of *records* (in file order, counted before any filtering)
     kept out of training: the last ``int(n * holdout)`` of them. ``split`` picks ``"train"``
     (the rest) or ``"heldout"`` (those). ``limit`` keeps the first ``limit`` of the split.
+    The source is streamed twice (count, then read) so only the kept conversations are held.
     """
     if not 0.0 <= holdout < 1.0:
         raise FluidError(f"--holdout must be in [0, 1) (got {holdout}); e.g. 0.02 keeps the last 2% out")
     if split not in ("train", "heldout"):
         raise FluidError(f"unknown split {split!r}; use train or heldout")
-    records = list(iter_records(source))
-    n_held = int(len(records) * holdout)
-    chosen = records[len(records) - n_held:] if split == "heldout" else records[:len(records) - n_held]
-    conversations = [m for m in (to_messages(r) for r in chosen) if m]
-    return conversations[:limit] if limit is not None else conversations
+    total = sum(1 for _ in iter_records(source)) if holdout else None  # first pass: count only
+    first_held = total - int(total * holdout) if total is not None else None
+    conversations: list[list[Message]] = []
+    for index, record in enumerate(iter_records(source)):
+        if first_held is not None and (index >= first_held) != (split == "heldout"):
+            continue
+        messages = to_messages(record)
+        if messages:
+            conversations.append(messages)
+            if limit is not None and len(conversations) >= limit:
+                break
+    return conversations
 
 
 # --------------------------------------------------------------------------- rendering

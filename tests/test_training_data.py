@@ -49,6 +49,18 @@ def test_packaged_sharegpt_file_yields_17671_conversations():
     for _ in iter_records(SHAREGPT_PACKAGE_FILE):  # streamed: nothing is kept
         count += 1
     assert count == 17671
+    held = read_conversations(SHAREGPT_PACKAGE_FILE, holdout=0.02, split="heldout")
+    assert 300 < len(held) <= int(17671 * 0.02)  # records without a usable conversation are skipped
+    assert len(read_conversations(SHAREGPT_PACKAGE_FILE, limit=5)) == 5
+
+
+def test_hf_dataset_needs_datasets_or_the_cache():
+    if importlib.util.find_spec("datasets") is None:
+        with pytest.raises(FluidError, match="pip install datasets"):
+            read_conversations("hf:some/chat-set")
+    else:
+        with pytest.raises(FluidError, match="local cache"):
+            read_conversations("hf:surely-not/a-cached-dataset-name")
 
 
 def test_labels_cover_exactly_the_assistant_turns(tiny_model_dir):

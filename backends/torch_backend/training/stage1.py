@@ -86,7 +86,12 @@ class Stage1Options:
 
 
 def base_reference(base: str) -> str:
-    """What fluid_config.json records as ``base_model``: an absolute path for local files."""
+    """What fluid_config.json records as ``base_model``: an absolute path for local files, the
+    package file for ``default`` (so the reference keeps meaning the *base* model)."""
+    from fluid_app.sources import DEFAULT_BASE
+
+    if base == "default":
+        return DEFAULT_BASE
     path = Path(base).expanduser()
     return str(path.resolve()) if path.exists() else base
 
@@ -123,7 +128,10 @@ def _check_resume(opts: Stage1Options, out: Path, global_batch: int | None = Non
 
 def _train(opts: Stage1Options, env: Dist) -> dict[str, Any]:
     out = Path(opts.out).expanduser()
-    spec = resolve_model(opts.base)
+    spec = resolve_model(base_reference(opts.base))
+    if spec.adapter is not None:
+        raise FluidError(f"{opts.base} is a FLUID LoRA checkpoint; pass its base model "
+                         f"({spec.base}) as --base, or --resume to continue that run")
     resume = _check_resume(opts, out)
     use_flex = opts.attention == "flex" or (opts.attention == "auto" and env.device.type == "cuda")
     attn_kind = "flex" if use_flex else "sdpa"
