@@ -235,22 +235,35 @@ def _render(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: 
 
 
 def build_examples(conversations: Sequence[Sequence[Message]], tokenizer: Any, *, max_len: int,
-                   source: str = "the data") -> list[Example]:
+                   source: str = "the data", progress: bool = False) -> list[Example]:
     """Render, cut to ``max_len`` tokens (the authors' cutoff) and drop examples left with no
-    assistant token. Raises if nothing is left, naming the likely cause."""
+    assistant token. Conversations the chat template refuses (e.g. roles that do not
+    alternate) are skipped. Raises if nothing is left, naming the likely cause."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise FluidError("the tokenizer has no chat template; train from an instruct/chat model or add one")
     examples = []
-    for messages in conversations:
+    rejected: list[str] = []
+    items: Any = conversations
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(conversations, desc="rendering", unit="conv", dynamic_ncols=True)
+    for messages in items:
         if not any(m["role"] == "assistant" for m in messages):
             continue
-        example = render_example(messages, tokenizer)
+        try:
+            example = render_example(messages, tokenizer)
+        except Exception as exc:  # jinja2 TemplateError and friends: the template's own check
+            rejected.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            continue
         example = Example(example.input_ids[:max_len], example.labels[:max_len])
         if sum(1 for label in example.labels[1:] if label != IGNORE_INDEX):
             examples.append(example)
     if not examples:
+        why = f"the chat template refused them: {rejected[0]}" if rejected else \
+            f"none has an assistant reply within --max-len {max_len}"
         raise FluidError(
             f"no training examples left in {source} after filtering ({len(conversations)} conversations read; "
-            f"none has an assistant reply within --max-len {max_len}); check the file format or raise --max-len"
+            f"{why}); check the file format or raise --max-len"
         )
     return examples

@@ -97,3 +97,18 @@ def test_chat_jsonl_and_empty_after_filtering(tiny_model_dir, tmp_path):
         build_examples(conversations, tokenizer, max_len=3)  # the reply is cut away
     with pytest.raises(FluidError, match="not found"):
         read_conversations(str(tmp_path / "missing.jsonl"))
+
+
+def test_conversations_the_template_refuses_are_skipped(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    bad = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"},
+           {"role": "assistant", "content": "hello"}]
+    assert len(build_examples([good, bad], tokenizer, max_len=64)) == 1
+    with pytest.raises(FluidError, match="roles must alternate"):
+        build_examples([bad], tokenizer, max_len=64)

@@ -142,7 +142,8 @@ def _train(opts: Stage1Options, env: Dist) -> dict[str, Any]:
         raise FluidError(f"--max-len {opts.max_len} is longer than the model context ({base.max_context} tokens); "
                          f"pass --max-len {base.max_context} or less")
     conversations = read_conversations(opts.data, holdout=opts.holdout, limit=opts.limit)
-    examples = build_examples(conversations, base.tokenizer, max_len=opts.max_len, source=opts.data)
+    examples = build_examples(conversations, base.tokenizer, max_len=opts.max_len, source=opts.data,
+                              progress=env.is_main and opts.progress)
     global_batch = opts.batch_size * opts.grad_accum * env.world_size
     steps_per_epoch = len(examples) // global_batch
     if steps_per_epoch == 0:

@@ -121,7 +121,8 @@ def _train(opts: Stage2Options, env: Dist) -> dict[str, Any]:
                          f"pass --max-len {backend.max_context} or less")
     k_max = opts.k_max or config.k_max
     conversations = read_conversations(opts.data, holdout=opts.holdout, limit=opts.limit)
-    examples = build_examples(conversations, tokenizer, max_len=opts.max_len, source=opts.data)
+    examples = build_examples(conversations, tokenizer, max_len=opts.max_len, source=opts.data,
+                              progress=env.is_main and opts.progress)
     global_batch = opts.batch_size * env.world_size
     steps_per_epoch = len(examples) // global_batch
     if steps_per_epoch == 0:
