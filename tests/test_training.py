@@ -134,6 +134,29 @@ def test_flex_block_mask_matches_sdpa_mask(tiny_model_dir, chat_file):
     assert losses["flex_attention"] == pytest.approx(losses["sdpa"], rel=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention has no backward pass on the CPU")
+def test_flex_and_sdpa_give_the_same_loss_and_gradients_on_cuda(tiny_model_dir, chat_file):
+    from backends.torch_backend.training.masks import flex_block_mask
+
+    folder = tiny_model_dir("llama")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    examples = build_examples(read_conversations(str(chat_file), limit=3), tokenizer, max_len=64)
+    layouts = [build_layout(e.input_ids, e.labels, mask_token_id=3, k_max=4, rng=np.random.default_rng(i),
+                            vocab_size=len(tokenizer)) for i, e in enumerate(examples)]
+    batch = collate(layouts, tokenizer.pad_token_id, pad_to_multiple=128).to("cuda")
+    results = {}
+    for impl, mask in (("sdpa", sdpa_mask(batch)), ("flex_attention", flex_block_mask(batch))):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=impl).cuda()
+        s_ar, s_diff, n_ar, n_diff = FluidLossModule(model)(batch.input_ids, batch.position_ids, mask,
+                                                            batch.labels, batch.is_mask)
+        loss = (s_ar + s_diff) / (n_ar + n_diff)
+        loss.backward()
+        results[impl] = (float(loss), {n: p.grad.detach().cpu() for n, p in model.named_parameters()})
+    assert results["flex_attention"][0] == pytest.approx(results["sdpa"][0], rel=1e-5)
+    for name, grad in results["sdpa"][1].items():
+        torch.testing.assert_close(results["flex_attention"][1][name], grad, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------- 2. training lowers losses; stage II
 
 

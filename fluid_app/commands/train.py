@@ -56,7 +56,6 @@ def register(subparsers) -> None:
     two.add_argument("--warmup-ratio", type=float, default=0.0)
     two.add_argument("--epochs", type=float, default=None)
     two.add_argument("--bf16", action="store_true", help="run the frozen backbone in bfloat16")
-    two.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     two.set_defaults(run=run_stage2)
 
 
