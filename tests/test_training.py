@@ -224,6 +224,22 @@ def test_added_mask_token_checkpoint_loads_and_decodes(tiny_model_dir, chat_file
     assert model.generate("Paris is", mode="fluid", max_new_tokens=12, k_min=1).token_ids == ar.token_ids
 
 
+def test_grad_accumulation_and_checkpointing_take_the_same_steps(tiny_model_dir, chat_file, tmp_path):
+    """The loss is normalised over the whole global batch, so 1x2 examples, 2x1 accumulated
+    and 2x1 with gradient checkpointing make the same updates."""
+    base = tiny_model_dir("llama")
+    runs = {"b2": dict(batch_size=2), "accum": dict(batch_size=1, grad_accum=2),
+            "ckpt": dict(batch_size=1, grad_accum=2, gradient_checkpointing=True)}
+    logs = {}
+    for name, extra in runs.items():
+        run_stage1(_opts(base, chat_file, tmp_path / name, steps=3, max_len=64, **extra))
+        logs[name] = _log(tmp_path / name)
+    for name in ("accum", "ckpt"):
+        for x, y in zip(logs["b2"], logs[name]):
+            assert abs(x["loss_ar"] - y["loss_ar"]) < 1e-5 and abs(x["loss_diff"] - y["loss_diff"]) < 1e-5, name
+    assert logs["b2"][2]["loss"] != logs["b2"][0]["loss"]
+
+
 # ------------------------------------------------------------------------ 3. resume
 
 
@@ -235,6 +251,9 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, chat_file, tmp_p
     run_stage1(_opts(base, chat_file, split, steps=20, warmup_ratio=0.1, stop_at_step=10))
     assert not (split / "fluid_config.json").exists()  # stopped: no final checkpoint yet
     assert (split / "checkpoints" / "step-0000010" / "trainer_state.json").exists()
+    import fluid_app
+
+    assert fluid_app.load(str(split / "checkpoints" / "step-0000010"), backend="torch", device="cpu").config.k_max == 4
     run_stage1(_opts(base, chat_file, split, steps=20, warmup_ratio=0.1, resume="auto"))
     a, b = _log(straight), _log(split)
     assert [r["step"] for r in b] == list(range(1, 21))

@@ -79,8 +79,9 @@ def export_fluid(folder: Path, model: Any, tokenizer: Any, state: dict[str, torc
 
 
 def save_training_state(target: Path, env: Dist, module: torch.nn.Module, optimizer, scheduler,
-                        state: dict[str, Any]) -> None:
-    """Everything an exact resume needs: trainable weights, optimizer, scheduler, RNG per rank."""
+                        state: dict[str, Any], export=None) -> None:
+    """Everything an exact resume needs: trainable weights, optimizer, scheduler, RNG per rank.
+    ``export(folder, weights)`` may add a loadable FLUID checkpoint to the same folder."""
     weights = trainable_state(module)
     optim = get_optimizer_state_dict(module, optimizer, options=_FULL)
     tmp = target.parent / f".{target.name}.tmp"
@@ -89,6 +90,8 @@ def save_training_state(target: Path, env: Dist, module: torch.nn.Module, optimi
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         save_file(weights, str(tmp / "trainable.safetensors"))
+        if export is not None:
+            export(tmp, weights)
         torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     env.barrier()
     torch.save(_rng_state(), tmp / f"rng-rank{env.rank}.pt")

@@ -239,8 +239,11 @@ def _train(opts: Stage1Options, env: Dist) -> dict[str, Any]:
         periodic = opts.save_every and done % opts.save_every == 0 and done < total
         if periodic or (done == stop and stop < total):
             state = {"step": done, "options": {**_metadata(opts), "global_batch": global_batch}}
+            # LoRA step folders are also loadable FLUID checkpoints (small); full weights are not doubled
+            export = None if opts.full else (
+                lambda folder, weights: ckpt.export_fluid(folder, model, tokenizer, weights, fluid_config, full=False))
             ckpt.save_training_state(out / ckpt.CHECKPOINTS / f"step-{done:07d}", env, module, optimizer,
-                                     scheduler, state)
+                                     scheduler, state, export=export)
             if env.is_main:
                 ckpt.prune(out / ckpt.CHECKPOINTS, opts.keep_checkpoints)
     bar.close()
