@@ -240,6 +240,20 @@ def test_grad_accumulation_and_checkpointing_take_the_same_steps(tiny_model_dir,
     assert logs["b2"][2]["loss"] != logs["b2"][0]["loss"]
 
 
+def test_stage2_on_a_plain_model_writes_a_head_only_checkpoint(tiny_model_dir, chat_file, tmp_path):
+    import fluid_app
+
+    base = tiny_model_dir("llama")
+    out = tmp_path / "head-only"
+    run_stage2(Stage2Options(model=str(base), data=str(chat_file), out=str(out), k_max=4, steps=2, max_len=64,
+                             device="cpu", progress=False))
+    assert sorted(p.name for p in out.iterdir()) == ["fluid_config.json", "k_head.safetensors"]
+    model = fluid_app.load(str(out), backend="torch", device="cpu")
+    assert model.backend.has_k_head and model.config.k_max == 4 and model.config.base_model == str(base)
+    ar = model.generate("Paris is", mode="ar", max_new_tokens=12)
+    assert model.generate("Paris is", mode="fluid", max_new_tokens=12).token_ids == ar.token_ids
+
+
 # ------------------------------------------------------------------------ 3. resume
 
 
