@@ -247,7 +247,8 @@ def test_stage2_on_a_plain_model_writes_a_head_only_checkpoint(tiny_model_dir, c
     out = tmp_path / "head-only"
     run_stage2(Stage2Options(model=str(base), data=str(chat_file), out=str(out), k_max=4, steps=2, max_len=64,
                              device="cpu", progress=False))
-    assert sorted(p.name for p in out.iterdir()) == ["fluid_config.json", "k_head.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["fluid_config.json", "k_head.safetensors", "stage2_log.jsonl"]
+    assert [json.loads(line)["step"] for line in (out / "stage2_log.jsonl").read_text().splitlines()] == [1, 2]
     model = fluid_app.load(str(out), backend="torch", device="cpu")
     assert model.backend.has_k_head and model.config.k_max == 4 and model.config.base_model == str(base)
     ar = model.generate("Paris is", mode="ar", max_new_tokens=12)

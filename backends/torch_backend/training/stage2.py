@@ -34,6 +34,8 @@ from .distributed import Dist, setup, teardown, wrap
 from .masks import build_attention_mask
 from .model import FluidLossModule
 
+LOG_FILE = "stage2_log.jsonl"
+
 
 @dataclass
 class Stage2Options:
@@ -150,7 +152,9 @@ def _train(opts: Stage2Options, env: Dist) -> dict[str, Any]:
                                    restore=False, fixed_k=k_max)
     sampler = DistributedSampler(range(len(examples)), num_replicas=env.world_size, rank=env.rank,
                                  shuffle=True, seed=opts.seed, drop_last=True)
-    from .stage1 import _progress
+    from .stage1 import _progress, _TrainLog
+
+    log = _TrainLog(out / LOG_FILE, 0) if env.is_main else None
 
     bar = _progress(total, 0, enabled=env.is_main and opts.progress)
     order_epoch, order, last = -1, [], {}
@@ -187,6 +191,8 @@ def _train(opts: Stage2Options, env: Dist) -> dict[str, Any]:
         sums = env.all_sum(torch.stack([loss_sum.detach().double(), k_star.double()])).tolist()
         last = {"step": step + 1, "loss_k": sums[0] / max(count, 1.0), "mean_k_star": sums[1] / max(count, 1.0),
                 "anchors": int(count), "lr": lr, "seconds": time.perf_counter() - started}
+        if log is not None:
+            log.write(last)
         bar.update(1)
         bar.set_postfix(loss_k=f"{last['loss_k']:.3f}", k_star=f"{last['mean_k_star']:.2f}")
     bar.close()
@@ -203,7 +209,7 @@ def _export(out: Path, spec, config, head: KHead, k_max: int, opts: Stage2Option
     source = spec.adapter or (spec.fluid if spec.fluid == spec.base else None)
     if source is not None and Path(source).resolve() != out.resolve():
         for item in Path(source).iterdir():
-            if item.is_file() and item.name not in ("fluid_config.json", K_HEAD_FILENAME, "train_log.jsonl") \
+            if item.is_file() and item.name not in ("fluid_config.json", K_HEAD_FILENAME, LOG_FILE, "train_log.jsonl") \
                     and not item.name.startswith("."):
                 shutil.copy2(item, tmp / item.name)
     base_model = config.base_model
