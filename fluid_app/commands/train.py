@@ -83,6 +83,8 @@ def _options(cls, args: argparse.Namespace):
 
 
 def _finish(args: argparse.Namespace, summary: dict) -> int:
+    if summary.get("rank", 0) != 0:  # under torchrun only the first process reports
+        return 0
     if args.json:
         print(json.dumps(summary))
     else:

@@ -254,7 +254,8 @@ def _train(opts: Stage1Options, env: Dist) -> dict[str, Any]:
             ckpt.export_fluid(tmp, model, tokenizer, weights, fluid_config, full=opts.full)
             ckpt.publish(tmp, out, last="fluid_config.json")
         env.barrier()
-    return {"steps": stop, "total_steps": total, "last": last, "out": str(out), "examples": len(examples)}
+    return {"steps": stop, "total_steps": total, "last": last, "out": str(out), "examples": len(examples),
+            "rank": env.rank}
 
 
 def _metadata(opts: Stage1Options) -> dict[str, Any]:

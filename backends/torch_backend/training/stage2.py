@@ -199,7 +199,8 @@ def _train(opts: Stage2Options, env: Dist) -> dict[str, Any]:
     if env.is_main:
         _export(out, spec, config, head, k_max, opts, total, len(examples))
     env.barrier()
-    return {"steps": total, "total_steps": total, "last": last, "out": str(out), "examples": len(examples)}
+    return {"steps": total, "total_steps": total, "last": last, "out": str(out), "examples": len(examples),
+            "rank": env.rank}
 
 
 def _export(out: Path, spec, config, head: KHead, k_max: int, opts: Stage2Options, steps: int,
