@@ -87,6 +87,9 @@ def _resolve_folder(folder: Path, label: str) -> ModelSpec:
             raise FluidError(f"{folder / CONFIG_FILENAME} names no base_model; re-export the checkpoint")
         base = resolve_model(config.base_model)
         adapter = folder if (folder / ADAPTER_CONFIG).exists() else None
+        if adapter is None and (folder / K_HEAD_FILENAME).exists():
+            # a K-head calibrated on an unchanged base (``fluid train stage2`` on a plain model)
+            return ModelSpec(label, base.base, fluid=folder)
         if adapter is None:
             raise FluidError(f"{folder} has fluid_config.json but neither weights nor a LoRA adapter")
         return ModelSpec(label, base.base, adapter=adapter, fluid=folder)

@@ -101,8 +101,11 @@ def load(spec: ModelSpec, *, device: str = "auto", dtype: str = "auto",
             tokenizer.add_special_tokens({"additional_special_tokens": [NEW_MASK_TOKEN]})
             chosen = tokenizer.convert_tokens_to_ids(NEW_MASK_TOKEN)
         config = config.with_overrides(mask_token_id=int(chosen))
-    if config.mask_token_id >= model.get_input_embeddings().weight.shape[0] and config.mask_token_id < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+    if config.mask_token_id >= model.get_input_embeddings().weight.shape[0]:
+        if config.mask_token_id == len(tokenizer):  # trained with an added MASK token: add it again
+            tokenizer.add_special_tokens({"additional_special_tokens": [NEW_MASK_TOKEN]})
+        if config.mask_token_id < len(tokenizer):
+            add_embedding_rows(model, len(tokenizer))
     config.validate(vocab_size=int(model.get_input_embeddings().weight.shape[0]))
     if spec.adapter is not None:
         model = _fuse_adapter(model, spec)
@@ -111,6 +114,20 @@ def load(spec: ModelSpec, *, device: str = "auto", dtype: str = "auto",
     if k_head and spec.k_head_file is not None:
         head = load_k_head(spec.k_head_file, model.config.get_text_config().hidden_size).to(torch_dtype)
     return TorchBackend(model, tokenizer, config, head, torch_device, label=spec.label)
+
+
+def add_embedding_rows(model, rows: int) -> None:
+    """Grow the vocabulary to ``rows``; new rows (input and output) are the mean of the old ones,
+    deterministically, so that training and every later load see the same weights (the MASK
+    row itself is trained and saved with the adapter)."""
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+            layer.weight[old:] = layer.weight[:old].mean(dim=0, keepdim=True)
+            bias = getattr(layer, "bias", None)
+            if bias is not None and bias.shape[0] == rows:
+                bias[old:] = bias[:old].mean()
 
 
 def _fuse_adapter(model, spec: ModelSpec):

@@ -1,0 +1,113 @@
+"""Loading the model to train, attaching LoRA, and the FLUID loss module.
+
+:class:`FluidLossModule` runs the decoder once on an expanded batch and applies the LM head
+only to the positions that carry a label (far fewer than ``L``, and the logits are the
+largest activation of a step). It returns loss *sums* and token counts, main and mask
+separately, so the trainer can normalise by the token count of the whole global batch:
+that is what makes gradient accumulation and any number of ranks give the same update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fluid_app.errors import FluidError
+from fluid_app.layout import IGNORE_INDEX
+from fluid_app.mask_token import NEW_MASK_TOKEN, unused_special_token
+from fluid_app.sources import ModelSpec
+
+from ..loader import _context_length, _first_line, _quiet, add_embedding_rows
+
+
+@dataclass
+class LoadedBase:
+    model: Any
+    tokenizer: Any
+    mask_token_id: int
+    added_mask_token: bool
+    max_context: int
+
+
+def load_base(spec: ModelSpec, *, dtype: torch.dtype, attn_implementation: str,
+              mask_token_id: int | None = None) -> LoadedBase:
+    """Base causal LM + tokenizer; pick the MASK token, adding (and resizing) if needed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+    with _quiet():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(spec.base_dir), **kwargs)
+        except (OSError, ValueError) as exc:
+            raise FluidError(f"cannot load a tokenizer from {spec.base}: {_first_line(exc)}") from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(spec.base_dir), dtype=dtype,
+                                                         attn_implementation=attn_implementation, **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise FluidError(f"cannot load a causal LM from {spec.base}: {_first_line(exc)}") from None
+    added = False
+    if mask_token_id is None:
+        mask_token_id = unused_special_token(tokenizer)
+    if mask_token_id is None:
+        tokenizer.add_special_tokens({"additional_special_tokens": [NEW_MASK_TOKEN]})
+        mask_token_id = int(tokenizer.convert_tokens_to_ids(NEW_MASK_TOKEN))
+        added = True
+    rows = model.get_input_embeddings().weight.shape[0]
+    if mask_token_id >= rows:
+        add_embedding_rows(model, len(tokenizer))
+        added = True
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.use_cache = False
+    return LoadedBase(model, tokenizer, int(mask_token_id), added, _context_length(model.config))
+
+
+def attach_lora(model: Any, *, rank: int, alpha: int, dropout: float, mask_token_id: int,
+                train_mask_embedding: bool):
+    """LoRA on every linear layer (authors' recipe); optionally a trainable MASK embedding row
+    (peft ``trainable_token_indices``: only that row is trained and saved)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                        task_type="CAUSAL_LM",
+                        trainable_token_indices=[mask_token_id] if train_mask_embedding else None)
+    return get_peft_model(model, config)
+
+
+def causal_lm(model: Any):
+    """The transformers ``*ForCausalLM`` inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class FluidLossModule(nn.Module):
+    """Decoder forward on an expanded batch -> (sum_ar, sum_diff, n_ar, n_diff).
+
+    The wrapper is what DDP/FSDP wrap, so gradient hooks see the whole forward.
+    """
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+        lm = causal_lm(model)
+        self._decoder_name = lm.base_model_prefix
+
+    def hidden_states(self, input_ids, position_ids, attention_mask) -> torch.Tensor:
+        lm = causal_lm(self.model)
+        decoder = getattr(lm, self._decoder_name)
+        out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, input_ids, position_ids, attention_mask, labels, is_mask):
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask)
+        selected = labels != IGNORE_INDEX
+        head = causal_lm(self.model).get_output_embeddings()
+        logits = head(hidden[selected]).float()
+        losses = F.cross_entropy(logits, labels[selected], reduction="none")
+        on_mask = is_mask[selected]
+        return (losses[~on_mask].sum(), losses[on_mask].sum(),
+                (~on_mask).sum(), on_mask.sum())

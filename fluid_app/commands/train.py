@@ -1,0 +1,104 @@
+"""``fluid train stage1`` (joint causal backbone, LoRA or full) and ``fluid train stage2``
+(K-head calibration). Torch code is imported inside ``run`` so ``fluid --help`` stays light.
+Runs unchanged under ``torchrun --nproc_per_node N`` (DDP, or FSDP2 with ``--fsdp``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a FLUID model (stage1 backbone, stage2 K-head)")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    one = stages.add_parser("stage1", help="Stage I: teach the model to fill masks, strictly causally")
+    one.add_argument("--base", required=True, help="base model: folder, .gguf, Hub id in the cache, or 'default'")
+    _data_options(one)
+    one.add_argument("--full", action="store_true", help="train all weights instead of a LoRA adapter")
+    one.add_argument("--lora-rank", type=int, default=16)
+    one.add_argument("--lora-alpha", type=int, default=32)
+    one.add_argument("--lora-dropout", type=float, default=0.0)
+    one.add_argument("--train-mask-embedding", action="store_true",
+                     help="also train the MASK token's embedding row (always on when the token had to be added)")
+    one.add_argument("--mask-token-id", type=int, default=None, help="MASK token id (default: an unused special token)")
+    one.add_argument("--k-max", type=int, default=16, help="largest mask block per anchor (K)")
+    one.add_argument("--k-min", type=int, default=4, help="smallest horizon recorded for decoding")
+    one.add_argument("--anchor-rate", type=float, default=0.5)
+    one.add_argument("--noise-rate", type=float, default=0.1)
+    one.add_argument("--grad-accum", type=int, default=1)
+    one.add_argument("--lr", type=float, default=2e-4)
+    one.add_argument("--weight-decay", type=float, default=0.0)
+    one.add_argument("--warmup-ratio", type=float, default=0.1)
+    one.add_argument("--max-grad-norm", type=float, default=1.0)
+    one.add_argument("--epochs", type=float, default=None, help="train this many epochs (default 1 unless --steps)")
+    one.add_argument("--bf16", action="store_true", help="bfloat16 autocast (base weights in bf16 for LoRA)")
+    one.add_argument("--gradient-checkpointing", action="store_true")
+    one.add_argument("--save-every", type=int, default=0, help="save a resumable checkpoint every N steps")
+    one.add_argument("--keep-checkpoints", type=int, default=2, help="resumable checkpoints to keep (0: all)")
+    one.add_argument("--resume", nargs="?", const="auto", default=None,
+                     help="continue from the latest checkpoint in --out (or the given folder)")
+    one.add_argument("--stop-at-step", type=int, default=None,
+                     help="save and stop after this step (split a long run into jobs); --resume continues")
+    one.add_argument("--attention", default="auto", choices=["auto", "flex", "sdpa"],
+                     help="flex: BlockMask with flex_attention (CUDA default); sdpa: boolean mask (CPU default)")
+    one.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun)")
+    one.set_defaults(run=run_stage1)
+
+    two = stages.add_parser("stage2", help="Stage II: calibrate the K-head on the frozen model")
+    two.add_argument("--model", required=True, help="Stage I output folder (or any model reference)")
+    _data_options(two)
+    two.add_argument("--k-max", type=int, default=None, help="horizon classes (default: the checkpoint's k_max)")
+    two.add_argument("--tau", type=float, default=2.8, help="entropy budget of a stride (mean mask loss)")
+    two.add_argument("--sigma", type=float, default=1.5, help="width of the soft target")
+    two.add_argument("--lr", type=float, default=1e-3)
+    two.add_argument("--warmup-ratio", type=float, default=0.0)
+    two.add_argument("--epochs", type=float, default=None)
+    two.add_argument("--bf16", action="store_true", help="run the frozen backbone in bfloat16")
+    two.set_defaults(run=run_stage2)
+
+
+def _data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True,
+                        help="chat JSONL ({'messages': [...]}), ShareGPT JSON, or hf:<dataset>[:<split>]")
+    parser.add_argument("--out", required=True, help="output folder (a loadable FLUID checkpoint)")
+    parser.add_argument("--holdout", type=float, default=0.0,
+                        help="keep the last fraction of records (file order) out of training, e.g. 0.02")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N training conversations")
+    parser.add_argument("--max-len", type=int, default=1024, help="cut examples to this many tokens")
+    parser.add_argument("--batch-size", type=int, default=2, help="examples per micro-batch per process")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+
+
+def _options(cls, args: argparse.Namespace):
+    from dataclasses import fields
+
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _finish(args: argparse.Namespace, summary: dict) -> int:
+    if summary.get("rank", 0) != 0:  # under torchrun only the first process reports
+        return 0
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"saved to {summary['out']} after {summary['steps']} step(s)", file=sys.stderr)
+    return 0
+
+
+def run_stage1(args: argparse.Namespace) -> int:
+    from backends.torch_backend.training.stage1 import Stage1Options, run_stage1
+
+    return _finish(args, run_stage1(_options(Stage1Options, args)))
+
+
+def run_stage2(args: argparse.Namespace) -> int:
+    from backends.torch_backend.training.stage2 import Stage2Options, run_stage2
+
+    return _finish(args, run_stage2(_options(Stage2Options, args)))
