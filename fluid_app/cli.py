@@ -13,7 +13,7 @@ from typing import Sequence
 from .errors import FluidError
 
 # Subcommand modules, in the order ``fluid --help`` lists them.
-COMMAND_MODULES = ["generate", "bench"]
+COMMAND_MODULES = ["generate", "bench", "convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:
