@@ -103,6 +103,17 @@ def test_tiny_lossless_and_parity(pair, arch):
     _compare(torch_fluid, mlx_fluid, prompt_ids, torch_model, f"{arch} fluid torch vs mlx")
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "gpt2"])
+def test_other_families_match_torch(pair, arch):
+    """GPT-2 here is transformers-saved: ``transformer.`` keys and an untied lm_head."""
+    torch_model, mlx_model = pair(arch)
+    prompts = PROMPTS[:6]
+    mlx_ar = _ids(mlx_model, prompts, "ar", max_new_tokens=16)
+    assert _ids(mlx_model, prompts, "fluid", max_new_tokens=16) == mlx_ar
+    _compare(_ids(torch_model, prompts, "ar", max_new_tokens=16), mlx_ar,
+             [mlx_model.encode(p) for p in prompts], torch_model, f"{arch} ar torch vs mlx")
+
+
 def test_rope_theta_from_rope_parameters(tiny_model_dir, tmp_path):
     """transformers 5 nests rope_theta; mlx-lm must not fall back to 10000 (garbage decoding)."""
     folder = tmp_path / "rope"

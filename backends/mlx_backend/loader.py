@@ -111,7 +111,7 @@ def load(spec: ModelSpec, *, dtype: str = "auto", mask_token_id: int | None = No
         if "quantization" in config_dict:
             raise FluidError(f"cannot fuse the adapter in {spec.adapter} into the quantized {spec.base}; "
                              "use an unquantized base model")
-        fuse_adapter(model, folder, spec.adapter)
+        fuse_adapter(model, folder, spec.adapter, config_dict.get("model_type"))
     if dtype != "auto":
         if dtype not in DTYPES:
             raise FluidError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(DTYPES))}")
@@ -135,15 +135,57 @@ def load(spec: ModelSpec, *, dtype: str = "auto", mask_token_id: int | None = No
 
 
 def build_model(folder: Path, overrides: dict[str, Any], label: str = "") -> nn.Module:
-    """mlx-lm's loader with our config fixes applied (``overrides`` win over config.json)."""
+    """mlx-lm's loader with our config fixes applied (``overrides`` win over config.json).
+
+    GPT-2 checkpoints saved by transformers prefix their keys with ``transformer.`` and may
+    have an untied ``lm_head``; mlx-lm's GPT-2 expects the original OpenAI key names and a
+    tied head, so those are loaded here: keys renamed, head attached as ``lm_head``.
+    """
+    config = {**read_config(folder), **overrides}
+    keys = _weight_keys(folder)
+    fixup = config.get("model_type") == "gpt2" and (
+        any(k.startswith("transformer.") for k in keys) or "lm_head.weight" in keys)
     try:
-        model, _ = load_model(folder, lazy=False, model_config=overrides)
+        model, _ = load_model(folder, lazy=fixup, strict=not fixup, model_config=overrides)
+        if fixup:
+            _load_gpt2_weights(model, folder, tied=config.get("tie_word_embeddings", True))
     except (ValueError, KeyError, TypeError, FileNotFoundError, ImportError) as exc:
         raise FluidError(f"mlx-lm cannot load {label or folder}: {_first_line(exc)}; "
                          "use --backend torch for this architecture") from None
     if not isinstance(getattr(model, "model", None), nn.Module):
         raise FluidError(f"mlx-lm's {type(model).__module__} exposes no inner model; use --backend torch")
     return model
+
+
+def hf_weight_names(model_type: str | None, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Rename transformers-saved keys to what the mlx-lm family's ``sanitize`` expects."""
+    if model_type == "gpt2":
+        return {k.removeprefix("transformer."): v for k, v in weights.items()}
+    return weights
+
+
+def _load_gpt2_weights(model: nn.Module, folder: Path, tied: bool) -> None:
+    weights: dict[str, mx.array] = {}
+    for path in sorted(folder.glob("model*.safetensors")):
+        weights.update(mx.load(str(path)))
+    head = weights.pop("lm_head.weight", None)
+    weights = model.sanitize(hf_weight_names("gpt2", weights))
+    model.load_weights(list(weights.items()), strict=True)
+    if head is not None and not tied:
+        model.lm_head = nn.Linear(head.shape[1], head.shape[0], bias=False)
+        model.lm_head.weight = head
+        model.fluid_own_head = True  # mlx-lm's __call__ would use the tied embedding instead
+    mx.eval(model.parameters())
+
+
+def _weight_keys(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for path in folder.glob("model*.safetensors"):
+        with safe_open(str(path), framework="numpy") as handle:
+            keys.update(handle.keys())
+    return keys
 
 
 def load_tokenizer(folder: Path, label: str = ""):
@@ -177,8 +219,10 @@ def output_layer(model: nn.Module) -> Callable[[mx.array], mx.array]:
 def _check_hidden_path(backend: MLXBackend) -> int:
     """Probe: our hidden -> logits path must reproduce the family's own logits."""
     probe = mx.array([[1, 2, 3]])
-    expected = backend.model(probe).astype(mx.float32)
     ours = backend.output_layer(backend.inner(probe)).astype(mx.float32)
+    if getattr(backend.model, "fluid_own_head", False):
+        return int(ours.shape[-1])
+    expected = backend.model(probe).astype(mx.float32)
     if expected.shape != ours.shape or not mx.allclose(expected, ours, rtol=1e-3, atol=1e-3).item():
         raise FluidError(f"mlx-lm's {backend.config.get('model_type')} computes logits in its own way; "
                          "the MLX backend does not support it yet, use --backend torch")

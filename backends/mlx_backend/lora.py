@@ -27,7 +27,7 @@ PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def fuse_adapter(model: nn.Module, base_dir: Path, adapter_dir: Path) -> int:
+def fuse_adapter(model: nn.Module, base_dir: Path, adapter_dir: Path, model_type: str | None = None) -> int:
     """Fuse the adapter in ``adapter_dir`` into ``model``; return the number of fused matrices."""
     config = _adapter_config(adapter_dir)
     weights_file = adapter_dir / ADAPTER_WEIGHTS
@@ -67,6 +67,9 @@ def fuse_adapter(model: nn.Module, base_dir: Path, adapter_dir: Path) -> int:
     if not fused:
         raise FluidError(f"{weights_file} holds no LoRA weights; re-save the adapter")
 
+    from .loader import hf_weight_names
+
+    fused = hf_weight_names(model_type, fused)
     sanitized = model.sanitize(dict(fused)) if hasattr(model, "sanitize") else fused
     params = dict(tree_flatten(model.parameters()))
     unknown = [k for k in sanitized if k not in params]
