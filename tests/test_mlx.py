@@ -159,6 +159,12 @@ def test_lora_adapter_fused_like_peft(tiny_model_dir, tmp_path):
     _compare(_ids(torch_model, prompts, "ar", max_new_tokens=16), mlx_ids,
              [mlx_model.encode(p) for p in prompts], torch_model, "lora ar")
     assert _ids(mlx_model, prompts, "fluid", max_new_tokens=16) == mlx_ids
+    converted = tmp_path / "adapter-mlx"  # convert fuses the adapter into a plain mlx-lm folder
+    from backends.mlx_backend.convert import convert_to_mlx
+
+    convert_to_mlx(str(adapter), converted)
+    assert not (converted / "adapter_config.json").exists()
+    assert _ids(fluid_app.load(str(converted), backend="mlx"), prompts, "ar", max_new_tokens=16) == mlx_ids
 
 
 def test_k_head_runs_in_mlx(tiny_model_dir, tmp_path):
@@ -202,6 +208,10 @@ def test_convert_tiny_to_mlx_folder(tiny_model_dir, tmp_path):
     converted = fluid_app.load(str(out), backend="mlx")
     assert converted.backend.mask_token_id == original.backend.mask_token_id
     assert _ids(converted, PROMPTS[:6], "ar", max_new_tokens=16) == _ids(original, PROMPTS[:6], "ar", max_new_tokens=16)
+    cli = run_cli("generate", "--backend", "mlx", "--model", str(out), "--prompt", PROMPTS[0],
+                  "--max-new-tokens", "12", "--json")
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["token_ids"] == _ids(original, [PROMPTS[0]], "fluid", max_new_tokens=12)[0]
     again = run_cli("convert", str(tiny_model_dir("llama")), str(out), "--to", "mlx")
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
 

@@ -274,7 +274,7 @@ def _eos_ids(config: dict[str, Any], tokenizer: Any, folder: Path | None) -> set
 def _numpy(array: mx.array, dtype: str):
     import numpy as np
 
-    return np.array(array, copy=False).astype(dtype, copy=False)
+    return np.asarray(array).astype(dtype, copy=False)
 
 
 def _first_line(exc: BaseException) -> str:
