@@ -13,7 +13,8 @@ from typing import Sequence
 from .errors import FluidError
 
 # Subcommand modules, in the order ``fluid --help`` lists them.
-COMMAND_MODULES = ["generate", "bench", "train", "demo", "export", "pull", "push", "import_reference"]
+COMMAND_MODULES = ["generate", "bench", "train", "demo", "export", "convert", "pull", "push",
+                   "import_reference"]
 
 
 def build_parser() -> argparse.ArgumentParser:

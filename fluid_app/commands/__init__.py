@@ -43,6 +43,8 @@ def load_model(args: argparse.Namespace):
     options: dict[str, Any] = {"mask_token_id": args.mask_token_id}
     if backend == "torch":
         options.update(device=args.device, dtype=args.dtype)
+    elif args.dtype != "auto":  # mlx: cast the loaded weights (quantized layers keep their bits)
+        options.update(dtype=args.dtype)
     model = load(args.model, backend=backend, **options)
     if model.spec.fluid is None:
         from .pull import no_adapter_notice

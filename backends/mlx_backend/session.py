@@ -1,0 +1,52 @@
+"""Trimmable KV-cache decoding on an mlx-lm model, one cache per row.
+
+Each row of the batch owns an mlx-lm prompt cache (``make_prompt_cache``). A forward runs
+the rows one after another over their own caches; :meth:`MLXSession.commit` trims each
+row's cache back by the slots it did not keep (``KVCache.trim`` only moves the offset, so
+nothing is copied). Rows never share a tensor, so there are no holes, masks or position
+ids to manage: every row sees exactly its own committed tokens at consecutive positions,
+which is what makes FLUID lossless.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import trim_prompt_cache
+
+from fluid_app.protocol import StepOutput
+
+
+class MLXSession:
+    def __init__(self, backend: "MLXBackend", prompts: Sequence[Sequence[int]]):  # noqa: F821
+        self.backend = backend
+        self.caches = [backend.new_cache() for _ in prompts]
+        self._last_width = 0
+        outs = [backend.step(mx.array([list(p)], dtype=mx.int32), cache, last_only=True)
+                for p, cache in zip(prompts, self.caches)]
+        self.first = _stack(outs)
+
+    def forward(self, tokens: np.ndarray) -> StepOutput:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        self._last_width = tokens.shape[1]
+        self.backend.forward_calls += 1
+        outs = [self.backend.step(mx.array(row[None, :].astype(np.int32)), cache)
+                for row, cache in zip(tokens, self.caches)]
+        return _stack(outs)
+
+    def commit(self, keep: Sequence[int]) -> None:
+        for cache, kept in zip(self.caches, keep):
+            drop = self._last_width - int(kept)
+            if drop > 0:
+                trim_prompt_cache(cache, drop)
+        self._last_width = 0
+
+
+def _stack(outs: list[StepOutput]) -> StepOutput:
+    return StepOutput(
+        tokens=np.concatenate([o.tokens for o in outs], axis=0),
+        confidence=np.concatenate([o.confidence for o in outs], axis=0),
+        horizon=None if outs[0].horizon is None else np.concatenate([o.horizon for o in outs], axis=0),
+    )
