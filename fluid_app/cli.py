@@ -13,7 +13,7 @@ from typing import Sequence
 from .errors import FluidError
 
 # Subcommand modules, in the order ``fluid --help`` lists them.
-COMMAND_MODULES = ["generate", "bench", "train", "demo", "export", "convert", "pull", "push",
+COMMAND_MODULES = ["generate", "bench", "distill", "train", "demo", "export", "convert", "pull", "push",
                    "import_reference"]
 
 
