@@ -37,16 +37,7 @@ class FluidConfig:
 
     def validate(self, vocab_size: int | None = None) -> "FluidConfig":
         """Raise a one-line :class:`FluidError` for settings that cannot work."""
-        if self.k_min < 1:
-            raise FluidError(f"k_min must be at least 1 (got {self.k_min}); pass --k-min 1 or more")
-        if self.k_min > self.k_max:
-            raise FluidError(
-                f"k_min ({self.k_min}) is larger than k_max ({self.k_max}); pass --k-min <= --k-max"
-            )
-        if not 0.0 < self.threshold <= 1.0:
-            raise FluidError(
-                f"threshold must be in (0, 1] (got {self.threshold}); pass e.g. --threshold 0.9"
-            )
+        check_horizons_and_threshold(self.k_min, self.k_max, self.threshold)
         if not 0.0 <= self.anchor_rate <= 1.0 or not 0.0 <= self.noise_rate <= 1.0:
             raise FluidError("anchor_rate and noise_rate are probabilities; use values in [0, 1]")
         if self.sigma <= 0:
@@ -94,6 +85,16 @@ class FluidConfig:
             raise FluidError(f"{path} not found; is {directory} a FLUID checkpoint?") from None
         except json.JSONDecodeError as exc:
             raise FluidError(f"{path} is not valid JSON ({exc.msg}); re-export the checkpoint") from None
+
+
+def check_horizons_and_threshold(k_min: int, k_max: int, threshold: float) -> None:
+    """The decoding knobs every entry point shares; one-line errors naming the flag to fix."""
+    if k_min < 1:
+        raise FluidError(f"k_min must be at least 1 (got {k_min}); pass --k-min 1 or more")
+    if k_min > k_max:
+        raise FluidError(f"k_min ({k_min}) is larger than k_max ({k_max}); pass --k-min <= --k-max")
+    if not 0.0 < threshold <= 1.0:
+        raise FluidError(f"threshold must be in (0, 1] (got {threshold}); pass e.g. --threshold 0.9")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .config import check_horizons_and_threshold
 from .errors import FluidError
 from .events import BlockStart, Commit, Draft, Event, Finished, Verify
 from .protocol import Backend, StepOutput
@@ -48,16 +49,7 @@ class DecodeSettings:
             raise FluidError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         if self.max_new_tokens < 1:
             raise FluidError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.k_min < 1:
-            raise FluidError(f"k_min must be at least 1 (got {self.k_min}); pass --k-min 1 or more")
-        if self.k_min > self.k_max:
-            raise FluidError(
-                f"k_min ({self.k_min}) is larger than k_max ({self.k_max}); pass --k-min <= --k-max"
-            )
-        if not 0.0 < self.threshold <= 1.0:
-            raise FluidError(
-                f"threshold must be in (0, 1] (got {self.threshold}); pass e.g. --threshold 0.9"
-            )
+        check_horizons_and_threshold(self.k_min, self.k_max, self.threshold)
         return self
 
 

@@ -83,29 +83,11 @@ def load(spec: ModelSpec, *, device: str = "auto", dtype: str = "auto",
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     config = spec.fluid_config or FluidConfig()
-    kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
-    with _quiet():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(spec.base_dir), **kwargs)
-        except (OSError, ValueError) as exc:
-            raise FluidError(f"cannot load a tokenizer from {spec.base}: {_first_line(exc)}") from None
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(spec.base_dir), dtype=torch_dtype, **kwargs)
-        except (OSError, ValueError, KeyError) as exc:
-            raise FluidError(f"cannot load a causal LM from {spec.base}: {_first_line(exc)}") from None
+    tokenizer, model = load_pretrained(spec, dtype=torch_dtype)
     if mask_token_id is not None:
         config = config.with_overrides(mask_token_id=mask_token_id)
-    if config.mask_token_id is None:
-        chosen = unused_special_token(tokenizer)
-        if chosen is None:
-            tokenizer.add_special_tokens({"additional_special_tokens": [NEW_MASK_TOKEN]})
-            chosen = tokenizer.convert_tokens_to_ids(NEW_MASK_TOKEN)
-        config = config.with_overrides(mask_token_id=int(chosen))
-    if config.mask_token_id >= model.get_input_embeddings().weight.shape[0]:
-        if config.mask_token_id == len(tokenizer):  # trained with an added MASK token: add it again
-            tokenizer.add_special_tokens({"additional_special_tokens": [NEW_MASK_TOKEN]})
-        if config.mask_token_id < len(tokenizer):
-            add_embedding_rows(model, len(tokenizer))
+    chosen, _ = ensure_mask_token(model, tokenizer, config.mask_token_id)
+    config = config.with_overrides(mask_token_id=chosen)
     config.validate(vocab_size=int(model.get_input_embeddings().weight.shape[0]))
     if spec.adapter is not None:
         model = _fuse_adapter(model, spec)
@@ -114,6 +96,38 @@ def load(spec: ModelSpec, *, device: str = "auto", dtype: str = "auto",
     if k_head and spec.k_head_file is not None:
         head = load_k_head(spec.k_head_file, model.config.get_text_config().hidden_size).to(torch_dtype)
     return TorchBackend(model, tokenizer, config, head, torch_device, label=spec.label)
+
+
+def load_pretrained(spec: ModelSpec, **model_kwargs):
+    """Tokenizer and causal LM of ``spec`` (folder or GGUF), with one-line errors."""
+    kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+    with _quiet():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(spec.base_dir), **kwargs)
+        except (OSError, ValueError) as exc:
+            raise FluidError(f"cannot load a tokenizer from {spec.base}: {_first_line(exc)}") from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(spec.base_dir), **model_kwargs, **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise FluidError(f"cannot load a causal LM from {spec.base}: {_first_line(exc)}") from None
+    return tokenizer, model
+
+
+def ensure_mask_token(model, tokenizer, mask_token_id: int | None) -> tuple[int, bool]:
+    """The MASK id to use and whether it had to be added: the given one, else an unused special
+    token, else a new ``<|fluid_mask|>`` (also re-added for a checkpoint whose MASK id is the
+    tokenizer's length, i.e. one trained with an added token). Embeddings grow to hold it."""
+    added = False
+    if mask_token_id is None:
+        mask_token_id = unused_special_token(tokenizer)
+    if mask_token_id is None or mask_token_id == len(tokenizer):
+        tokenizer.add_special_tokens({"additional_special_tokens": [NEW_MASK_TOKEN]})
+        mask_token_id = tokenizer.convert_tokens_to_ids(NEW_MASK_TOKEN)
+        added = True
+    if model.get_input_embeddings().weight.shape[0] <= mask_token_id < len(tokenizer):
+        add_embedding_rows(model, len(tokenizer))
+        added = True
+    return int(mask_token_id), added
 
 
 def add_embedding_rows(model, rows: int) -> None:

@@ -16,12 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fluid_app.errors import FluidError
 from fluid_app.layout import IGNORE_INDEX
-from fluid_app.mask_token import NEW_MASK_TOKEN, unused_special_token
 from fluid_app.sources import ModelSpec
 
-from ..loader import _context_length, _first_line, _quiet, add_embedding_rows
+from ..loader import _context_length, ensure_mask_token, load_pretrained
 
 
 @dataclass
@@ -36,30 +34,8 @@ class LoadedBase:
 def load_base(spec: ModelSpec, *, dtype: torch.dtype, attn_implementation: str,
               mask_token_id: int | None = None) -> LoadedBase:
     """Base causal LM + tokenizer; pick the MASK token, adding (and resizing) if needed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
-    with _quiet():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(spec.base_dir), **kwargs)
-        except (OSError, ValueError) as exc:
-            raise FluidError(f"cannot load a tokenizer from {spec.base}: {_first_line(exc)}") from None
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(spec.base_dir), dtype=dtype,
-                                                         attn_implementation=attn_implementation, **kwargs)
-        except (OSError, ValueError, KeyError) as exc:
-            raise FluidError(f"cannot load a causal LM from {spec.base}: {_first_line(exc)}") from None
-    added = False
-    if mask_token_id is None:
-        mask_token_id = unused_special_token(tokenizer)
-    if mask_token_id is None:
-        tokenizer.add_special_tokens({"additional_special_tokens": [NEW_MASK_TOKEN]})
-        mask_token_id = int(tokenizer.convert_tokens_to_ids(NEW_MASK_TOKEN))
-        added = True
-    rows = model.get_input_embeddings().weight.shape[0]
-    if mask_token_id >= rows:
-        add_embedding_rows(model, len(tokenizer))
-        added = True
+    tokenizer, model = load_pretrained(spec, dtype=dtype, attn_implementation=attn_implementation)
+    mask_token_id, added = ensure_mask_token(model, tokenizer, mask_token_id)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = False
