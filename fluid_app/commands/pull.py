@@ -31,4 +31,4 @@ def no_adapter_notice(label: str) -> str:
     """One line for plain causal LMs: they decode (losslessly) but FLUID cannot speed them up yet."""
     return (f"notice: {label} has no FLUID adapter: --mode ar works as usual, --mode fluid drafts from an "
             f"untrained MASK (still lossless, but few tokens per forward); adapt it with: "
-            f"fluid train stage1 --model {label}")
+            f"fluid train stage1 --base {label} --data CHATS.jsonl --out DIR")
