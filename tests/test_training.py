@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, run_cli
-from tiny_models import CORPUS
+from tiny_models import write_chat_file
 
 from backends.torch_backend.training.collate import collate
 from backends.torch_backend.training.masks import mask_mod_for, sdpa_mask
@@ -31,16 +30,7 @@ from fluid_app.layout import IGNORE_INDEX, build_layout
 @pytest.fixture(scope="module")
 def chat_file(tmp_path_factory) -> Path:
     """48 short chats over the tiny tokenizer's corpus (learnable, so losses can fall)."""
-    rng = random.Random(0)
-    sentences = sorted(set(CORPUS))
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    with open(path, "w") as handle:
-        for _ in range(48):
-            question = rng.choice(sentences)
-            answer = " ".join(rng.choice(sentences) for _ in range(2))
-            handle.write(json.dumps({"messages": [{"role": "user", "content": question},
-                                                  {"role": "assistant", "content": answer}]}) + "\n")
-    return path
+    return write_chat_file(tmp_path_factory.mktemp("data") / "chat.jsonl", 48)
 
 
 def _opts(base, data, out, **over) -> Stage1Options:

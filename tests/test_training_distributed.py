@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,21 +11,12 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli
-from tiny_models import CORPUS
+from tiny_models import write_chat_file
 
 
 @pytest.fixture(scope="module")
 def chat_file(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    sentences = sorted(set(CORPUS))
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    with open(path, "w") as handle:
-        for _ in range(16):
-            question = rng.choice(sentences)
-            answer = " ".join(rng.choice(sentences) for _ in range(2))
-            handle.write(json.dumps({"messages": [{"role": "user", "content": question},
-                                                  {"role": "assistant", "content": answer}]}) + "\n")
-    return path
+    return write_chat_file(tmp_path_factory.mktemp("data") / "chat.jsonl", 16)
 
 
 def _log(out: Path) -> list[dict]:

@@ -10,6 +10,8 @@ cannot flip it.
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import torch
@@ -76,3 +78,16 @@ def build_tiny_model(arch: str, folder: Path, seed: int = 0, init_range: float =
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def write_chat_file(path: Path, count: int) -> Path:
+    """``count`` short chats over CORPUS sentences (learnable, so training losses can fall)."""
+    rng = random.Random(0)
+    sentences = sorted(set(CORPUS))
+    with open(path, "w") as handle:
+        for _ in range(count):
+            question = rng.choice(sentences)
+            answer = " ".join(rng.choice(sentences) for _ in range(2))
+            handle.write(json.dumps({"messages": [{"role": "user", "content": question},
+                                                  {"role": "assistant", "content": answer}]}) + "\n")
+    return path
