@@ -211,23 +211,30 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"commitUrl": f"http://{host}/{repo_id}/commit/{sha}", "commitOid": sha,
                          "success": True})
 
-    def _info(self, repo_id: str, revision: str):
+    def _revision(self, repo_id: str, revision: str):
+        """``(repo, commit sha)``, or None after answering 404 for an unknown repo or revision."""
         repo = self._repo(repo_id)
         if repo is None:
-            return
+            return None
         sha = repo.resolve(revision)
         if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            return None
+        return repo, sha
+
+    def _info(self, repo_id: str, revision: str):
+        found = self._revision(repo_id, revision)
+        if found is None:
+            return
+        repo, sha = found
         self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
                          "siblings": [{"rfilename": name} for name in sorted(repo.commits[sha])]})
 
     def _tree(self, repo_id: str, revision: str):
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._revision(repo_id, revision)
+        if found is None:
             return
-        sha = repo.resolve(revision)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        repo, sha = found
         entries = [{"type": "file", "path": name, "size": len(data), "oid": _git_blob_sha(data)}
                    for name, data in sorted(repo.commits[sha].items())]
         self._json(200, entries)
