@@ -13,7 +13,7 @@ from typing import Sequence
 from .errors import FluidError
 
 # Subcommand modules, in the order ``fluid --help`` lists them.
-COMMAND_MODULES = ["generate", "bench", "distill", "train", "demo", "export", "convert", "pull", "push",
+COMMAND_MODULES = ["generate", "bench", "eval_ppl", "distill", "train", "demo", "export", "convert", "pull", "push",
                    "import_reference"]
 
 
@@ -28,7 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .config_file import expand_config
+
     parser = build_parser()
+    try:
+        argv = expand_config(sys.argv[1:] if argv is None else argv)
+    except FluidError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
