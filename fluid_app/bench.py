@@ -56,45 +56,88 @@ class ModeTotals:
         }
 
 
+HORIZONS = ("k-head", "k-max", "k-min")
+
+
+def bench_runs(model: FluidModel, modes: Sequence[str], horizons: Sequence[str],
+               options: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Name -> (mode, decode options) of every run of a bench.
+
+    ``horizons`` adds FLUID runs with the block size pinned at ``k_max`` or ``k_min`` (the
+    K-head ignored), the ablation that shows what the K-head's choice is worth.
+    """
+    unknown = [h for h in horizons if h not in HORIZONS]
+    if unknown:
+        raise FluidError(f"unknown horizon {unknown[0]!r}; use {', '.join(HORIZONS)}")
+    settings = model.settings(**{k: v for k, v in options.items() if k != "max_new_tokens"})
+    runs: dict[str, tuple[str, dict[str, Any]]] = {}
+    for mode in modes:
+        if mode != "fluid":
+            runs[mode] = (mode, dict(options))
+            continue
+        for horizon in horizons or ("k-head",):
+            if horizon == "k-head":
+                runs["fluid"] = ("fluid", dict(options))
+            else:
+                k = settings.k_max if horizon == "k-max" else settings.k_min
+                runs[f"fluid k={k}"] = ("fluid", {**options, "k_min": k, "k_max": k})
+    return runs
+
+
 def run_bench(model: FluidModel, prompts: Sequence[str], *, chat: bool = False,
-              modes: Sequence[str] = MODES, **options: Any) -> dict[str, Any]:
-    """Run every mode on every prompt; return per-mode totals and the comparisons."""
-    for mode in modes:  # warm-up: first calls pay for allocation and kernel selection
-        model.generate(prompts[0], chat=chat, mode=mode, **{**options, "max_new_tokens": 8})
-    totals = {mode: ModeTotals() for mode in modes}
-    for prompt in prompts:
-        for mode in modes:
-            out = model.generate(prompt, chat=chat, mode=mode, **options)
-            t = totals[mode]
+              modes: Sequence[str] = MODES, horizons: Sequence[str] = ("k-head",),
+              **options: Any) -> dict[str, Any]:
+    """Run every mode (and horizon policy) on every prompt; return totals and the comparisons."""
+    runs = bench_runs(model, modes, horizons, options)
+    for mode, run_options in runs.values():  # warm-up: first calls pay for allocation and kernel selection
+        model.generate(prompts[0], chat=chat, mode=mode, **{**run_options, "max_new_tokens": 8})
+    totals = {name: ModeTotals() for name in runs}
+    for prompt in _progress(prompts):
+        for name, (mode, run_options) in runs.items():
+            out = model.generate(prompt, chat=chat, mode=mode, **run_options)
+            t = totals[name]
             t.tokens += out.new_tokens
             t.forwards += out.forwards
             t.seconds += out.seconds
             t.outputs.append(out)
     report: dict[str, Any] = {"prompts": len(prompts), "modes": {m: t.summary() for m, t in totals.items()}}
-    tps = {m: report["modes"][m]["tokens_per_s"] for m in modes}
+    tps = {m: report["modes"][m]["tokens_per_s"] for m in runs}
     if "fluid" in totals and "ar" in totals:
-        pairs = zip(totals["fluid"].outputs, totals["ar"].outputs)
-        mismatches = sum(f.token_ids != a.token_ids for f, a in pairs)
         report["speedup"] = round(tps["fluid"] / tps["ar"], 3) if tps["ar"] else 0.0
-        report["identical"] = mismatches == 0
-        report["mismatches"] = mismatches
+        report["mismatches"] = _mismatches(totals["fluid"], totals["ar"])
+        report["identical"] = report["mismatches"] == 0
     if "fluid" in totals and "reference" in totals:
         report["speedup_vs_reference"] = round(tps["fluid"] / tps["reference"], 3) if tps["reference"] else 0.0
     if "reference" in totals and "ar" in totals:
-        pairs = zip(totals["reference"].outputs, totals["ar"].outputs)
-        report["reference_mismatches"] = sum(r.token_ids != a.token_ids for r, a in pairs)
+        report["reference_mismatches"] = _mismatches(totals["reference"], totals["ar"])
+    fixed = [name for name in runs if name.startswith("fluid k=")]
+    if fixed and "ar" in totals:
+        report["fixed_horizons"] = {
+            name: {"speedup": round(tps[name] / tps["ar"], 3) if tps["ar"] else 0.0,
+                   "mismatches": _mismatches(totals[name], totals["ar"])} for name in fixed}
     report["per_prompt_tpf"] = {m: [o.tokens_per_forward for o in t.outputs] for m, t in totals.items()}
     report["horizons"] = {m: [b["k"] for o in t.outputs for b in o.blocks] for m, t in totals.items()}
     return report
 
 
+def _mismatches(a: ModeTotals, b: ModeTotals) -> int:
+    return sum(x.token_ids != y.token_ids for x, y in zip(a.outputs, b.outputs))
+
+
+def _progress(prompts: Sequence[str]):
+    from tqdm.auto import tqdm
+
+    return tqdm(prompts, desc="bench", unit="prompt", leave=False, disable=len(prompts) < 2)
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A short human table of a bench report."""
-    lines = [f"{'mode':<10} {'tokens':>7} {'forwards':>8} {'seconds':>8} {'tok/s':>8} {'TPF':>6}"]
+    lines = [f"{'mode':<12} {'tokens':>7} {'forwards':>8} {'seconds':>8} {'tok/s':>8} {'TPF':>6}"]
     for mode, s in report["modes"].items():
-        lines.append(f"{mode:<10} {s['tokens']:>7} {s['forwards']:>8} {s['seconds']:>8.2f} "
+        lines.append(f"{mode:<12} {s['tokens']:>7} {s['forwards']:>8} {s['seconds']:>8.2f} "
                      f"{s['tokens_per_s']:>8.2f} {s['tokens_per_forward']:>6.2f}")
     extras = [f"{key}={report[key]}" for key in ("speedup", "speedup_vs_reference", "identical", "mismatches")
               if key in report]
+    extras += [f"speedup[{name}]={v['speedup']}" for name, v in report.get("fixed_horizons", {}).items()]
     lines.append(", ".join(extras))
     return "\n".join(lines)

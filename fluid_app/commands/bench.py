@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..bench import format_table, read_prompts, run_bench
+from ..bench import HORIZONS, format_table, read_prompts, run_bench
+from ..errors import FluidError
 from . import add_decode_options, add_model_options, check_decode_options, decode_options, load_model
 
 
@@ -14,14 +15,32 @@ def register(subparsers) -> None:
     add_model_options(parser)
     parser.add_argument("--prompts", required=True, help="JSONL file, one {\"prompt\": ...} per line")
     add_decode_options(parser, mode=False)
+    parser.add_argument("--horizons", default="k-head",
+                        help="comma-separated FLUID horizon policies to run: k-head (the K-head's choice), "
+                             "k-max and k-min (block size fixed there); e.g. k-head,k-max,k-min")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="also draw per-prompt tokens per forward and the histogram of chosen horizons")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     check_decode_options(args)
+    horizons = [h.strip() for h in args.horizons.split(",") if h.strip()]
+    unknown = [h for h in horizons if h not in HORIZONS]
+    if unknown or not horizons:
+        raise FluidError(f"unknown --horizons value {(unknown or [''])[0]!r}; use a comma-separated list of "
+                         f"{', '.join(HORIZONS)}")
+    if args.plot:
+        from ..bench_plot import check_plot_path
+
+        check_plot_path(args.plot)
     model = load_model(args)
-    report = run_bench(model, prompts, chat=args.chat, **decode_options(args))
+    report = run_bench(model, prompts, chat=args.chat, horizons=horizons, **decode_options(args))
+    if args.plot:
+        from ..bench_plot import save_plot
+
+        save_plot(report, args.plot)
     if args.json:
         print(json.dumps(report))
     else:
