@@ -23,6 +23,11 @@ def register(subparsers) -> None:
     one.add_argument("--train-mask-embedding", action="store_true",
                      help="also train the MASK token's embedding row (always on when the token had to be added)")
     one.add_argument("--mask-token-id", type=int, default=None, help="MASK token id (default: an unused special token)")
+    one.add_argument("--ar-loss", choices=["ce", "kl"], default="ce",
+                     help="main-token loss: ce on the labels (the method), or kl to the frozen base model's "
+                          "next-token distribution (keeps AR perplexity when training on self-distilled data)")
+    one.add_argument("--ar-weight", type=float, default=1.0,
+                     help="weight of the main-token loss against the mask loss (1: the method's plain sum)")
     one.add_argument("--k-max", type=int, default=16, help="largest mask block per anchor (K)")
     one.add_argument("--k-min", type=int, default=4, help="smallest horizon recorded for decoding")
     one.add_argument("--anchor-rate", type=float, default=0.5)
@@ -60,6 +65,8 @@ def register(subparsers) -> None:
 
 
 def _data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.json",
+                        help="options from a JSON file ({\"k_max\": 8, \"bf16\": true, ...}); flags typed here win")
     parser.add_argument("--data", required=True,
                         help="chat JSONL ({'messages': [...]}), ShareGPT JSON, or hf:<dataset>[:<split>]")
     parser.add_argument("--out", required=True, help="output folder (a loadable FLUID checkpoint)")

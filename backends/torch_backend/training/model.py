@@ -59,15 +59,28 @@ def causal_lm(model: Any):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+AR_LOSSES = ("ce", "kl")
+
+
 class FluidLossModule(nn.Module):
     """Decoder forward on an expanded batch -> (sum_ar, sum_diff, n_ar, n_diff).
+
+    ``ar_loss`` picks what main tokens learn. ``"ce"`` is the method's plain AR loss on the
+    labels. ``"kl"`` is the cross-entropy against the *frozen base model's* next-token
+    distribution (the LoRA adapter switched off), which is the KL to the base up to a
+    constant: with self-distilled labels, hard targets sharpen the model towards its own
+    greedy choices and raise its perplexity on other text; soft targets keep its AR
+    behaviour where it was while the masks learn to draft.
 
     The wrapper is what DDP/FSDP wrap, so gradient hooks see the whole forward.
     """
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, ar_loss: str = "ce"):
         super().__init__()
+        if ar_loss not in AR_LOSSES:
+            raise ValueError(f"ar_loss must be one of {AR_LOSSES}, not {ar_loss!r}")
         self.model = model
+        self.ar_loss = ar_loss
         lm = causal_lm(model)
         self._decoder_name = lm.base_model_prefix
 
@@ -85,5 +98,41 @@ class FluidLossModule(nn.Module):
         logits = head(hidden[selected]).float()
         losses = F.cross_entropy(logits, labels[selected], reduction="none")
         on_mask = is_mask[selected]
-        return (losses[~on_mask].sum(), losses[on_mask].sum(),
+        ar_losses = losses[~on_mask]
+        if self.ar_loss == "kl":
+            targets = self._base_probabilities(input_ids, position_ids, attention_mask, is_mask, selected & ~is_mask)
+            ar_losses = -(targets * F.log_softmax(logits[~on_mask], dim=-1)).sum(-1)
+        return (ar_losses.sum(), losses[on_mask].sum(),
                 (~on_mask).sum(), on_mask.sum())
+
+    @torch.no_grad()
+    def _base_probabilities(self, input_ids, position_ids, attention_mask, is_mask, main_selected) -> torch.Tensor:
+        """Next-token probabilities of the adapter-free model at the labelled main tokens.
+
+        Main tokens attend only to main tokens, causally, so when every row's labelled main
+        tokens come before its first mask (the default masks-last layout) a plain causal
+        pass over that prefix gives them exactly; otherwise the whole expanded batch is run.
+        """
+        if not hasattr(self.model, "disable_adapter"):
+            raise ValueError("ar_loss='kl' needs a LoRA model: the frozen base is the adapter switched off")
+        prefix = _main_prefix_width(is_mask, main_selected)
+        with self.model.disable_adapter():
+            if prefix is not None:
+                hidden = self.hidden_states(input_ids[:, :prefix], position_ids[:, :prefix], None)
+                chosen = main_selected[:, :prefix]
+            else:
+                hidden = self.hidden_states(input_ids, position_ids, attention_mask)
+                chosen = main_selected
+            head = causal_lm(self.model).get_output_embeddings()
+            return F.softmax(head(hidden[chosen]).float(), dim=-1)
+
+
+def _main_prefix_width(is_mask: torch.Tensor, main_selected: torch.Tensor) -> int | None:
+    """Width of the column prefix holding every labelled main token, if each row has all of
+    them before its first mask; ``None`` for interleaved layouts."""
+    columns = torch.arange(is_mask.shape[1], device=is_mask.device)
+    first_mask = torch.where(is_mask, columns, is_mask.shape[1]).min(dim=1).values
+    last_main = torch.where(main_selected, columns, -1).max(dim=1).values
+    if bool((last_main >= first_mask).any()):
+        return None
+    return int(last_main.max()) + 1

@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from .collate import LayoutOptions, collate, make_layouts
 from .distributed import Dist, setup, teardown, wrap
 from .masks import build_attention_mask
-from .model import FluidLossModule, attach_lora, causal_lm, load_base
+from .model import AR_LOSSES, FluidLossModule, attach_lora, causal_lm, load_base
 
 LOG_FILE = "train_log.jsonl"
 
@@ -43,6 +43,8 @@ class Stage1Options:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     train_mask_embedding: bool = False
+    ar_loss: str = "ce"  # ce: labels (the method) | kl: the frozen base's distribution (keeps perplexity)
+    ar_weight: float = 1.0  # weight of the main-token loss; 1.0 is the method's plain sum L_AR + L_Diff
     mask_token_id: int | None = None
     k_max: int = 16
     k_min: int = 4
@@ -81,6 +83,12 @@ class Stage1Options:
             raise FluidError(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
         if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs <= 0:
             raise FluidError("--steps must be at least 1 and --epochs positive")
+        if self.ar_weight < 0:
+            raise FluidError(f"--ar-weight must be 0 or more (got {self.ar_weight})")
+        if self.ar_loss not in AR_LOSSES:
+            raise FluidError(f"unknown --ar-loss {self.ar_loss!r}; use {' or '.join(AR_LOSSES)}")
+        if self.ar_loss == "kl" and self.full:
+            raise FluidError("--ar-loss kl distils the frozen base (the LoRA adapter switched off); drop --full")
         if self.attention not in ("auto", "flex", "sdpa"):
             raise FluidError(f"unknown --attention {self.attention!r}; use auto, flex or sdpa")
 
@@ -163,7 +171,7 @@ def _train(opts: Stage1Options, env: Dist) -> dict[str, Any]:
     if opts.gradient_checkpointing:
         causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(env.device)
-    module = FluidLossModule(model)
+    module = FluidLossModule(model, ar_loss=opts.ar_loss)
     module.train()
     wrapped = wrap(module, env, fsdp=opts.fsdp, bf16=opts.bf16)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -216,7 +224,7 @@ def _train(opts: Stage1Options, env: Dist) -> dict[str, Any]:
                 mask = build_attention_mask(batch, attn_kind)
                 s_ar, s_diff, n_ar, n_diff = wrapped(batch.input_ids, batch.position_ids, mask, batch.labels,
                                                      batch.is_mask)
-                loss = (s_ar + s_diff) * (env.world_size / global_count)
+                loss = (opts.ar_weight * s_ar + s_diff) * (env.world_size / global_count)
             loss.backward()
             sums += torch.stack([s_ar.detach().double(), s_diff.detach().double(), n_ar.double(), n_diff.double(),
                                  torch.tensor(batch.num_tokens, dtype=torch.float64, device=env.device)])
