@@ -67,7 +67,8 @@ class FluidModel:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def settings(self, mode: str = "fluid", max_new_tokens: int = 128, threshold: float | None = None,
-                 k_min: int | None = None, k_max: int | None = None) -> DecodeSettings:
+                 k_min: int | None = None, k_max: int | None = None,
+                 prompt_lookup_num_tokens: int | None = None) -> DecodeSettings:
         c = self.config
         return DecodeSettings(
             mode=mode,
@@ -75,6 +76,8 @@ class FluidModel:
             k_min=c.k_min if k_min is None else k_min,
             k_max=c.k_max if k_max is None else k_max,
             threshold=c.threshold if threshold is None else threshold,
+            prompt_lookup_num_tokens=(c.prompt_lookup_num_tokens if prompt_lookup_num_tokens is None
+                                      else prompt_lookup_num_tokens),
         ).validate()
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, chat: bool = False,

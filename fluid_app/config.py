@@ -27,6 +27,7 @@ class FluidConfig:
     k_min: int = 4
     k_max: int = 16
     threshold: float = 0.9
+    prompt_lookup_num_tokens: int = 0  # 0: drafts come from masks only (see fluid_app/lookup.py)
     tau: float = 2.8
     sigma: float = 1.5
     anchor_rate: float = 0.5
@@ -40,6 +41,8 @@ class FluidConfig:
         check_horizons_and_threshold(self.k_min, self.k_max, self.threshold)
         if not 0.0 <= self.anchor_rate <= 1.0 or not 0.0 <= self.noise_rate <= 1.0:
             raise FluidError("anchor_rate and noise_rate are probabilities; use values in [0, 1]")
+        if self.prompt_lookup_num_tokens < 0:
+            raise FluidError(f"prompt_lookup_num_tokens must be 0 (off) or more (got {self.prompt_lookup_num_tokens})")
         if self.sigma <= 0:
             raise FluidError(f"sigma must be positive (got {self.sigma}); the authors use 1.5")
         if vocab_size is not None and self.mask_token_id is not None:

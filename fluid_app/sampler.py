@@ -28,6 +28,7 @@ import numpy as np
 
 from .config import check_horizons_and_threshold
 from .errors import FluidError
+from .lookup import lookup_continuation
 from .events import BlockStart, Commit, Draft, Event, Finished, Verify
 from .protocol import Backend, StepOutput
 
@@ -43,6 +44,7 @@ class DecodeSettings:
     k_min: int = 4
     k_max: int = 16
     threshold: float = 0.9
+    prompt_lookup_num_tokens: int = 0
 
     def validate(self) -> "DecodeSettings":
         if self.mode not in MODES:
@@ -50,6 +52,8 @@ class DecodeSettings:
         if self.max_new_tokens < 1:
             raise FluidError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
         check_horizons_and_threshold(self.k_min, self.k_max, self.threshold)
+        if self.prompt_lookup_num_tokens < 0:
+            raise FluidError(f"prompt_lookup_num_tokens must be 0 (off) or more (got {self.prompt_lookup_num_tokens})")
         return self
 
 
@@ -218,6 +222,12 @@ class Decoder:
                     else:
                         slots.append(None)
                         slot_conf.append(confs[i] if i < len(confs) else 0.0)
+                if s.prompt_lookup_num_tokens and slots and not (slots[0] is not None and slot_conf[0] >= s.threshold):
+                    found = lookup_continuation(self.prompts[b] + result.token_ids,
+                                                min(s.prompt_lookup_num_tokens, len(slots)))
+                    if found:  # the mask draft is unsure and the text to come is on the page
+                        slots = found + [None] * (len(slots) - len(found))
+                        slot_conf = [1.0] * len(found) + [0.0] * (len(slots) - len(found))
                 if slots and all(g is not None for g in slots):
                     # Every slot is a draft token: append masks so that, if all of them are
                     # accepted, this same forward also drafts the block after them.

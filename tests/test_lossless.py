@@ -22,6 +22,7 @@ SETTINGS = [
     dict(k_min=4, k_max=16, threshold=0.9),
     dict(k_min=2, k_max=6, threshold=0.2),
     dict(k_min=3, k_max=3, threshold=1.0),
+    dict(k_min=2, k_max=8, threshold=0.9, prompt_lookup_num_tokens=6),
 ]
 
 

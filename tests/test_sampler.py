@@ -18,6 +18,8 @@ SETTINGS = [
     dict(k_min=2, k_max=8, threshold=0.3),
     dict(k_min=5, k_max=5, threshold=1.0),
     dict(k_min=3, k_max=12, threshold=0.05),
+    dict(k_min=2, k_max=8, threshold=0.9, prompt_lookup_num_tokens=5),
+    dict(k_min=1, k_max=6, threshold=0.5, prompt_lookup_num_tokens=10),
 ]
 
 
@@ -109,3 +111,46 @@ def test_events_tell_the_whole_story():
                     assert len(e.slots) == len(e.confidences) == len(e.decided)
                 if isinstance(e, Verify) and e.row == row:
                     assert 0 <= e.accepted <= 6
+
+
+def _lookup_oracle(context, num_tokens, max_ngram=3, min_ngram=2):
+    """Brute force: for n from long to short, scan every earlier start from the right."""
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if len(context) <= n:
+            continue
+        tail = context[-n:]
+        for start in range(len(context) - n - 1, -1, -1):
+            if context[start:start + n] == tail:
+                return context[start + n: start + n + num_tokens]
+    return []
+
+
+def test_prompt_lookup_matches_a_brute_force_scan():
+    from fluid_app.lookup import lookup_continuation
+
+    rng = np.random.default_rng(3)
+    hits = 0
+    for _ in range(400):
+        context = [int(t) for t in rng.integers(0, int(rng.integers(2, 8)), size=int(rng.integers(0, 40)))]
+        num = int(rng.integers(1, 9))
+        expected = _lookup_oracle(context, num)
+        assert lookup_continuation(context, num) == expected, (context, num)
+        hits += bool(expected)
+    assert 50 < hits < 400  # both outcomes are exercised
+    assert lookup_continuation([5, 6, 7, 1, 5, 6, 9, 5, 6], 3) == [9, 5, 6]  # the latest occurrence wins
+    assert lookup_continuation([1, 2, 3, 4], 3) == []
+
+
+def test_prompt_lookup_cuts_forwards_on_text_that_repeats():
+    """A reply that loops (as small greedy models' replies do): lookup drafts whole cycles,
+    while the output stays the greedy one."""
+    lm = ToyLM(vocab_size=8, draft_accuracy=0.0, eos_rate=0.0)  # few states: the greedy text cycles
+    prompt = [3, 4, 5]
+    expected = lm.greedy(prompt, 120)
+    forwards = {}
+    for lookup in (0, 7):
+        result = Decoder(lm, [prompt], DecodeSettings(mode="fluid", max_new_tokens=120, k_min=8, k_max=8,
+                                                      prompt_lookup_num_tokens=lookup)).run()[0]
+        assert result.token_ids == expected
+        forwards[lookup] = result.forwards
+    assert forwards[7] < forwards[0] / 2

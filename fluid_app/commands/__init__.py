@@ -25,6 +25,9 @@ def add_decode_options(parser: argparse.ArgumentParser, mode: bool = True) -> No
     parser.add_argument("--threshold", type=float, default=None, help="draft confidence to fix a slot (0, 1]")
     parser.add_argument("--k-min", type=int, default=None, help="smallest horizon (block size)")
     parser.add_argument("--k-max", type=int, default=None, help="largest horizon (block size)")
+    parser.add_argument("--prompt-lookup-num-tokens", type=int, default=None,
+                        help="fluid mode: when the mask draft is unsure, draft up to N tokens that followed the "
+                             "last earlier occurrence of the latest n-gram (0: off; default: the checkpoint's)")
     if mode:
         parser.add_argument("--mode", default="fluid", choices=list(MODES))
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -61,9 +64,10 @@ def check_decode_options(args: argparse.Namespace) -> None:
     k_max = args.k_max if args.k_max is not None else max(k_min, 16)
     threshold = 0.9 if args.threshold is None else args.threshold
     DecodeSettings(mode=getattr(args, "mode", "fluid"), max_new_tokens=args.max_new_tokens,
-                   k_min=k_min, k_max=k_max, threshold=threshold).validate()
+                   k_min=k_min, k_max=k_max, threshold=threshold,
+                   prompt_lookup_num_tokens=args.prompt_lookup_num_tokens or 0).validate()
 
 
 def decode_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_new_tokens": args.max_new_tokens, "threshold": args.threshold,
-            "k_min": args.k_min, "k_max": args.k_max}
+            "k_min": args.k_min, "k_max": args.k_max, "prompt_lookup_num_tokens": args.prompt_lookup_num_tokens}
