@@ -76,9 +76,41 @@ def _base(ckpt):
     return json.loads((ckpt / "fluid_config.json").read_text())["base_model"]
 
 
+def test_adapter_export_ships_the_small_files_with_new_decoding_defaults(adapter_ckpt, tmp_path):
+    """The form the embedded default ships in: adapter (here in float16), K-head and config
+    with decoding defaults set; training leftovers stay behind; it decodes losslessly."""
+    from safetensors.numpy import load_file
+
+    (adapter_ckpt / "optimizer.pt").write_bytes(b"training state")  # must not be shipped
+    out = tmp_path / "shipped"
+    result = run_cli("export", str(adapter_ckpt), str(out), "--dtype", "float16", "--k-min", "3",
+                     "--threshold", "0.7", "--prompt-lookup-num-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in out.iterdir()} == {"fluid_config.json", "adapter_config.json",
+                                               "adapter_model.safetensors", "k_head.safetensors"}
+    source = load_file(str(adapter_ckpt / "adapter_model.safetensors"))
+    shipped = load_file(str(out / "adapter_model.safetensors"))
+    assert source.keys() == shipped.keys() and all(t.dtype.name == "float16" for t in shipped.values())
+    assert max(abs(shipped[k].astype("float32") - source[k]).max() for k in source) < 1e-2
+    config = json.loads((out / "fluid_config.json").read_text())
+    original = json.loads((adapter_ckpt / "fluid_config.json").read_text())
+    assert (config["k_min"], config["threshold"], config["prompt_lookup_num_tokens"]) == (3, 0.7, 5)
+    assert config["base_model"] == original["base_model"] and config["k_max"] == original["k_max"]
+
+    model = fluid_app.load(str(out), backend="torch", device="cpu", dtype="float32")
+    fluid = model.generate(PROMPT, max_new_tokens=N)
+    assert fluid.token_ids == model.generate(PROMPT, mode="ar", max_new_tokens=N).token_ids
+    assert fluid.token_ids != fluid_ids(_base(adapter_ckpt), mode="ar")  # the adapter is applied
+
+
 def test_export_refuses_bad_input(adapter_ckpt, tiny_model_dir, tmp_path):
-    result = run_cli("export", str(adapter_ckpt), str(tmp_path / "o"))
-    assert result.returncode == 2 and "--merge" in result.stderr
+    result = run_cli("export", str(adapter_ckpt), str(tmp_path / "o"), "--dtype", "bfloat16")
+    assert result.returncode == 2 and "float32 or float16" in result.stderr
+    result = run_cli("export", str(adapter_ckpt), str(tmp_path / "o"), "--merge", "--k-min", "2")
+    assert result.returncode == 2 and "drop --merge" in result.stderr
+    result = run_cli("export", str(adapter_ckpt), str(tmp_path / "o"), "--threshold", "2")
+    assert result.returncode == 2 and "threshold" in result.stderr
+    assert not (tmp_path / "o").exists()
     result = run_cli("export", str(tiny_model_dir("llama")), str(tmp_path / "o"), "--merge")
     assert result.returncode == 2 and "not a FLUID checkpoint" in result.stderr
     occupied = tmp_path / "occupied"

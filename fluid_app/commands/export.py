@@ -1,4 +1,6 @@
-"""``fluid export DIR OUT --merge``: write a self-contained Hugging Face folder."""
+"""``fluid export DIR OUT``: the shippable FLUID files of a checkpoint (with new decoding
+defaults, optionally a half-precision adapter), or with ``--merge`` a self-contained
+Hugging Face folder."""
 
 from __future__ import annotations
 
@@ -11,22 +13,36 @@ from ..sources import resolve_model
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "export", help="merge a FLUID checkpoint into a self-contained Hugging Face folder")
+        "export", help="copy a FLUID checkpoint's shippable files, or --merge it into a Hugging Face folder")
     parser.add_argument("source", metavar="DIR", help="FLUID checkpoint (LoRA adapter or full) or Hub id")
     parser.add_argument("out", metavar="OUT", help="folder to write (created atomically)")
     parser.add_argument("--merge", action="store_true",
-                        help="merge the LoRA adapter into the weights (the only export kind so far)")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+                        help="merge the LoRA adapter into the weights: a folder plain transformers and mlx-lm load")
+    parser.add_argument("--dtype", default="float32",
+                        help="float32, bfloat16 or float16 (default float32; an adapter export takes float32 or float16)")
+    parser.add_argument("--k-min", type=int, default=None, help="decoding default to record (adapter export)")
+    parser.add_argument("--k-max", type=int, default=None, help="decoding default to record (adapter export)")
+    parser.add_argument("--threshold", type=float, default=None, help="decoding default to record (adapter export)")
+    parser.add_argument("--prompt-lookup-num-tokens", type=int, default=None,
+                        help="decoding default to record (adapter export)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it already exists")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    overrides = {name: getattr(args, name) for name in ("k_min", "k_max", "threshold", "prompt_lookup_num_tokens")
+                 if getattr(args, name) is not None}
+    spec = resolve_model(args.source)
     if not args.merge:
-        raise FluidError("only merged exports are supported; run: fluid export DIR OUT --merge")
+        from ..adapter_export import export_adapter
+
+        print(export_adapter(spec, args.out, dtype=args.dtype, force=args.force, overrides=overrides))
+        return 0
+    if overrides:
+        raise FluidError("--k-min/--k-max/--threshold/--prompt-lookup-num-tokens apply to an adapter export; "
+                         "drop --merge or those flags")
     from backends.torch_backend.export import export_merged
 
-    spec = resolve_model(args.source)
     print(f"merging {spec.label} into {args.out} ...", file=sys.stderr)
     out = export_merged(spec, args.out, dtype=args.dtype, force=args.force)
     print(out)
