@@ -48,6 +48,34 @@ def test_bench_reports_every_mode_and_the_comparisons(tiny_model_dir, tmp_path):
     assert "speedup=" in table.stdout and "fluid" in table.stdout
 
 
+def test_bench_runs_fixed_horizons_and_draws_the_plot(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Paris is", "Once upon"]) + "\n")
+    plot = tmp_path / "bench.png"
+    proc = run_cli("bench", "--model", str(tiny_model_dir("llama")), "--prompts", str(prompts), "--max-new-tokens", "12",
+                   "--k-min", "2", "--k-max", "5", "--horizons", "k-head,k-max,k-min", "--plot", str(plot), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report["modes"]) == {"ar", "reference", "fluid", "fluid k=5", "fluid k=2"}
+    assert set(report["fixed_horizons"]) == {"fluid k=5", "fluid k=2"}
+    assert all(v["mismatches"] == 0 for v in report["fixed_horizons"].values())
+    assert report["horizons"]["fluid k=5"][0] == 5 and max(report["horizons"]["fluid k=5"]) == 5
+    assert max(report["horizons"]["fluid k=2"]) == 2
+    assert len(report["per_prompt_tpf"]["fluid k=2"]) == 2
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1] > 200
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".bench.png")]  # no temp file left
+
+
+def test_bench_rejects_a_bad_plot_path_or_horizon_before_loading():
+    for extra, needle in ((["--plot", "out.txt"], "ending in .png"), (["--plot", "/no/such/dir/x.png"], "does not exist"),
+                          (["--horizons", "k-head,longest"], "unknown --horizons value 'longest'")):
+        proc = run_cli("bench", "--model", "/no/such/model", "--prompts", "benchmarks/sharegpt_heldout_10.jsonl", *extra)
+        assert_one_line_error(proc, needle)
+
+
 @pytest.mark.parametrize("args, needles", [
     (["--prompt", "  "], ["prompt is empty"]),
     (["--prompt", "hi", "--k-min", "6", "--k-max", "2"], ["k_min (6) is larger than k_max (2)", "--k-min"]),
@@ -68,3 +96,24 @@ def test_bad_input_that_needs_the_model(tiny_model_dir):
     assert_one_line_error(proc, "outside the vocabulary")
     proc = run_cli("bench", "--model", model, "--prompts", "/no/prompts.jsonl")
     assert_one_line_error(proc, "not found")
+
+
+def test_config_file_expands_to_flags_and_typed_flags_win(tmp_path):
+    from fluid_app.config_file import expand_config
+    from fluid_app.errors import FluidError
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"_comment": "skipped", "base": "default", "k_max": 8, "bf16": True,
+                                  "fsdp": False, "lr": 0.0003}))
+    argv = expand_config(["train", "stage1", "--steps", "5", "--config", str(recipe), "--k-max", "4"])
+    assert argv == ["train", "stage1", "--base", "default", "--k-max", "8", "--bf16", "--lr", "0.0003",
+                    "--steps", "5", "--k-max", "4"]
+    from fluid_app.cli import build_parser
+
+    args = build_parser().parse_args(argv + ["--data", "d.jsonl", "--out", "o"])
+    assert (args.k_max, args.bf16, args.lr, args.steps) == (4, True, 0.0003, 5)  # the typed --k-max wins
+    recipe.write_text("[1, 2]")
+    with pytest.raises(FluidError, match="one JSON object"):
+        expand_config(["train", "stage1", "--config", str(recipe)])
+    proc = run_cli("train", "stage1", "--config", str(tmp_path / "missing.json"))
+    assert_one_line_error(proc, "config file", "not found")

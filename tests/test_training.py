@@ -96,6 +96,49 @@ def test_stage1_loss_equals_brute_force_rule(tiny_model_dir, chat_file):
     assert float(s_ar / n_ar) == pytest.approx(float(plain), rel=1e-5)
 
 
+def test_kl_ar_loss_is_soft_cross_entropy_against_the_adapter_free_model(tiny_model_dir, chat_file):
+    """``--ar-loss kl``: main tokens learn the frozen base's next-token distribution. Checked
+    against a plain causal forward of the unexpanded example, for the masks-last layout (the
+    prefix shortcut) and the interleaved one (the full expanded pass)."""
+    from backends.torch_backend.training.model import attach_lora
+
+    folder = tiny_model_dir("llama")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    example = build_examples(read_conversations(str(chat_file), limit=1), tokenizer, max_len=64)[0]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    lora = attach_lora(model, rank=4, alpha=8, dropout=0.0, mask_token_id=3, train_mask_embedding=False).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)  # a non-trivial adapter: adapted != base
+    ids = torch.tensor([example.input_ids])
+    scored = torch.tensor([label != IGNORE_INDEX for label in example.labels[1:]])
+    with torch.no_grad():
+        adapted = lora(input_ids=ids).logits[0, :-1][scored].double()
+        with lora.disable_adapter():
+            base = lora(input_ids=ids).logits[0, :-1][scored].double()
+    expected = float(-(base.softmax(-1) * adapted.log_softmax(-1)).sum())
+    hard = float(torch.nn.functional.cross_entropy(adapted, ids[0, 1:][scored], reduction="sum"))
+    assert abs(expected - hard) > 1e-3  # the two losses differ, so the check below can fail
+
+    kwargs = dict(mask_token_id=3, k_max=4, vocab_size=len(tokenizer), special_ids=tokenizer.all_special_ids)
+    for masks_last in (True, False):
+        layout = build_layout(example.input_ids, example.labels, rng=np.random.default_rng(5),
+                              masks_last=masks_last, **kwargs)
+        batch = collate([layout], tokenizer.pad_token_id)
+        args = (batch.input_ids, batch.position_ids, sdpa_mask(batch), batch.labels, batch.is_mask)
+        s_ar, s_diff, n_ar, _ = FluidLossModule(lora, ar_loss="kl")(*args)
+        ce_ar, ce_diff, _, _ = FluidLossModule(lora, ar_loss="ce")(*args)
+        assert int(n_ar) == int(scored.sum())
+        assert float(s_ar) == pytest.approx(expected, rel=1e-5)
+        assert float(ce_ar) == pytest.approx(hard, rel=1e-5)
+        assert float(s_diff) == pytest.approx(float(ce_diff), rel=1e-6)
+        s_ar.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.named_parameters() if "lora_" in n)
+        lora.zero_grad()
+
+
 def test_flex_block_mask_matches_sdpa_mask(tiny_model_dir, chat_file):
     """flex_attention has no backward pass on the CPU (torch 2.13), so gradients cannot be
     compared here: the BlockMask's mask_mod, materialised, equals the SDPA mask bit for bit,
@@ -185,6 +228,32 @@ def test_stage1_lowers_both_losses_and_stage2_touches_only_the_head(tiny_model_d
     after = loaded.backend.model.state_dict()
     assert all(torch.equal(backbone_before[k], after[k]) for k in backbone_before)
     assert loaded.generate("Paris is", mode="fluid", max_new_tokens=16).token_ids == ar.token_ids
+
+
+def test_kl_ar_loss_with_a_heavy_weight_keeps_the_model_near_its_base(tiny_model_dir, chat_file, tmp_path):
+    """The knobs the embedded default is trained with: the same steps with ``--ar-loss kl
+    --ar-weight 4`` move the adapted model's next-token distribution less from the base's
+    than plain ``ce`` does, and the mask loss still falls."""
+    from peft import PeftModel
+
+    base = tiny_model_dir("llama")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    example = build_examples(read_conversations(str(chat_file), limit=1), tokenizer, max_len=64)[0]
+    ids = torch.tensor([example.input_ids])
+    drift = {}
+    for name, over in (("ce", {}), ("kl", dict(ar_loss="kl", ar_weight=4.0))):
+        out = tmp_path / name
+        run_stage1(_opts(base, chat_file, out, steps=30, **over))
+        log = _log(out)
+        assert np.mean([r["loss_diff"] for r in log[-5:]]) < np.mean([r["loss_diff"] for r in log[:5]]) - 0.3
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        adapted = PeftModel.from_pretrained(model, str(out)).eval()
+        with torch.no_grad():
+            after = adapted(input_ids=ids).logits.log_softmax(-1)
+            with adapted.disable_adapter():
+                before = adapted(input_ids=ids).logits.log_softmax(-1)
+        drift[name] = float((before.exp() * (before - after)).sum(-1).mean())  # KL(base || adapted)
+    assert drift["kl"] < drift["ce"] / 2, drift
 
 
 def test_added_mask_token_checkpoint_loads_and_decodes(tiny_model_dir, chat_file, tmp_path):
