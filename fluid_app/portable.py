@@ -64,6 +64,7 @@ def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
         yield tmp
+        _public_modes(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -74,3 +75,13 @@ def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _public_modes(folder: Path) -> None:
+    """``mkdtemp`` and ``mkstemp`` make owner-only entries; give the finished folder the modes
+    a plain ``mkdir``/``open`` would have (the umask decides), so a shared cache stays readable."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -4,6 +4,7 @@ in FLUID, in plain transformers and in mlx-lm."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -88,6 +89,10 @@ def test_adapter_export_ships_the_small_files_with_new_decoding_defaults(adapter
     assert result.returncode == 0, result.stderr
     assert {p.name for p in out.iterdir()} == {"fluid_config.json", "adapter_config.json",
                                                "adapter_model.safetensors", "k_head.safetensors"}
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out, *out.iterdir()):  # the modes mkdir/open would give, not mkdtemp's owner-only ones
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
     source = load_file(str(adapter_ckpt / "adapter_model.safetensors"))
     shipped = load_file(str(out / "adapter_model.safetensors"))
     assert source.keys() == shipped.keys() and all(t.dtype.name == "float16" for t in shipped.values())
