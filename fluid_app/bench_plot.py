@@ -63,6 +63,9 @@ def save_plot(report: dict[str, Any], path: str | Path) -> Path:
     os.close(handle)
     try:
         figure.savefig(temp, dpi=110)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes it owner-only; a plot is for sharing
         os.replace(temp, path)
     finally:
         plt.close(figure)

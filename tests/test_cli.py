@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -64,6 +65,9 @@ def test_bench_runs_fixed_horizons_and_draws_the_plot(tiny_model_dir, tmp_path):
     assert report["horizons"]["fluid k=5"][0] == 5 and max(report["horizons"]["fluid k=5"]) == 5
     assert max(report["horizons"]["fluid k=2"]) == 2
     assert len(report["per_prompt_tpf"]["fluid k=2"]) == 2
+    umask = os.umask(0)
+    os.umask(umask)
+    assert plot.stat().st_mode & 0o777 == 0o666 & ~umask  # the modes open() gives, not mkstemp's
     with Image.open(plot) as image:
         assert image.format == "PNG" and image.size[0] > image.size[1] > 200
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".bench.png")]  # no temp file left

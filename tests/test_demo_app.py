@@ -136,9 +136,10 @@ def test_default_smollm2_streams_its_greedy_answer(smollm2):
                             quiet=True)
     try:
         client = gradio_client.Client(url, verbose=False)
-        out = generate(client, "default", "What is the capital of France?", max_new_tokens=16, k_min=4, k_max=16)
+        out = generate(client, "default", "What is the capital of France?", max_new_tokens=40, k_min=4, k_max=16)
     finally:
         demo.close()
-    expected = smollm2.generate("What is the capital of France?", chat=True, max_new_tokens=16, k_min=4, k_max=16)
+    # the adapted default names Paris at the end of its first sentences, not in its first words
+    expected = smollm2.generate("What is the capital of France?", chat=True, max_new_tokens=40, k_min=4, k_max=16)
     assert out[2] == expected.text and "Paris" in out[2]
     assert out[5]["token_ids"] == expected.token_ids
