@@ -6,11 +6,10 @@ every prompt or carried by a few, and does the K-head actually vary the block si
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .config import atomic_file
 from .errors import FluidError
 
 
@@ -59,16 +58,9 @@ def save_plot(report: dict[str, Any], path: str | Path) -> Path:
     right.grid(alpha=0.3, axis="y")
     figure.tight_layout()
 
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temp, dpi=110)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes it owner-only; a plot is for sharing
-        os.replace(temp, path)
+        with atomic_file(path, suffix=".png") as temp:
+            figure.savefig(temp, dpi=110)
     finally:
         plt.close(figure)
-        if os.path.exists(temp):
-            os.unlink(temp)
     return path

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import FluidError
 
@@ -100,16 +101,35 @@ def check_horizons_and_threshold(k_min: int, k_max: int, threshold: float) -> No
         raise FluidError(f"threshold must be in (0, 1] (got {threshold}); pass e.g. --threshold 0.9")
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that readers see the old file or the new one, never half of one."""
+def ordinary_mode(directory: bool = False) -> int:
+    """The mode a plain ``open``/``mkdir`` would give now (the umask decides).
+
+    ``mkstemp`` and ``mkdtemp`` make owner-only entries; what is renamed into place from
+    them gets this instead, so checkpoints, configs and plots stay readable like any file.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds, rename it over ``path``
+    (readers see the old file or the new one, never half of one); on error, remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        yield Path(tmp)
+        os.chmod(tmp, ordinary_mode())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import write_text_atomic
+from .config import ordinary_mode, write_text_atomic
 from .errors import FluidError
 
 
@@ -78,10 +78,8 @@ def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
 
 
 def _public_modes(folder: Path) -> None:
-    """``mkdtemp`` and ``mkstemp`` make owner-only entries; give the finished folder the modes
-    a plain ``mkdir``/``open`` would have (the umask decides), so a shared cache stays readable."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
+    """Give the finished folder the modes a plain ``mkdir``/``open`` would have (``mkdtemp``'s
+    are owner-only), so a shared cache stays readable."""
+    folder.chmod(ordinary_mode(directory=True))
     for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        path.chmod(ordinary_mode(directory=path.is_dir()))
