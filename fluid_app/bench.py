@@ -59,6 +59,15 @@ class ModeTotals:
 HORIZONS = ("k-head", "k-max", "k-min")
 
 
+def check_horizons(horizons: Sequence[str]) -> list[str]:
+    """The horizon policies to run, or a one-line error naming the accepted ones."""
+    unknown = [h for h in horizons if h not in HORIZONS]
+    if unknown or not horizons:
+        raise FluidError(f"unknown --horizons value {(unknown or [''])[0]!r}; use a comma-separated list of "
+                         f"{', '.join(HORIZONS)}")
+    return list(horizons)
+
+
 def bench_runs(model: FluidModel, modes: Sequence[str], horizons: Sequence[str],
                options: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
     """Name -> (mode, decode options) of every run of a bench.
@@ -66,16 +75,14 @@ def bench_runs(model: FluidModel, modes: Sequence[str], horizons: Sequence[str],
     ``horizons`` adds FLUID runs with the block size pinned at ``k_max`` or ``k_min`` (the
     K-head ignored), the ablation that shows what the K-head's choice is worth.
     """
-    unknown = [h for h in horizons if h not in HORIZONS]
-    if unknown:
-        raise FluidError(f"unknown horizon {unknown[0]!r}; use {', '.join(HORIZONS)}")
+    horizons = check_horizons(horizons or ("k-head",))
     settings = model.settings(**{k: v for k, v in options.items() if k != "max_new_tokens"})
     runs: dict[str, tuple[str, dict[str, Any]]] = {}
     for mode in modes:
         if mode != "fluid":
             runs[mode] = (mode, dict(options))
             continue
-        for horizon in horizons or ("k-head",):
+        for horizon in horizons:
             if horizon == "k-head":
                 runs["fluid"] = ("fluid", dict(options))
             else:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..bench import HORIZONS, format_table, read_prompts, run_bench
-from ..errors import FluidError
+from ..bench import check_horizons, format_table, read_prompts, run_bench
 from . import add_decode_options, add_model_options, check_decode_options, decode_options, load_model
 
 
@@ -26,11 +25,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     check_decode_options(args)
-    horizons = [h.strip() for h in args.horizons.split(",") if h.strip()]
-    unknown = [h for h in horizons if h not in HORIZONS]
-    if unknown or not horizons:
-        raise FluidError(f"unknown --horizons value {(unknown or [''])[0]!r}; use a comma-separated list of "
-                         f"{', '.join(HORIZONS)}")
+    horizons = check_horizons([h.strip() for h in args.horizons.split(",") if h.strip()])
     if args.plot:
         from ..bench_plot import check_plot_path
 
