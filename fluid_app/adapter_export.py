@@ -9,6 +9,7 @@ the folder ``fluid push`` uploads.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,20 @@ def export_adapter(spec: ModelSpec, out: str | Path, *, dtype: str = "float32", 
     config.validate()
     with atomic_folder(out, force=force) as tmp:
         if spec.adapter is not None:
-            shutil.copyfile(spec.adapter / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
+            _copy_adapter_config(spec.adapter / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG, config.base_model)
             _copy_tensors(spec.adapter / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS, dtype)
         if spec.k_head_file is not None:
             shutil.copyfile(spec.k_head_file, tmp / K_HEAD_FILENAME)
         config.save(tmp)
     return Path(out).expanduser().resolve()
+
+
+def _copy_adapter_config(source: Path, target: Path, base_model: str | None) -> None:
+    """peft records the base as the training machine's path; a shipped adapter names it the
+    way ``fluid_config.json`` does (a package, Hub id or path the user's machine resolves)."""
+    adapter_config = json.loads(source.read_text())
+    adapter_config["base_model_name_or_path"] = base_model
+    target.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_tensors(source: Path, target: Path, dtype: str) -> None:

@@ -101,6 +101,8 @@ def test_adapter_export_ships_the_small_files_with_new_decoding_defaults(adapter
     original = json.loads((adapter_ckpt / "fluid_config.json").read_text())
     assert (config["k_min"], config["threshold"], config["prompt_lookup_num_tokens"]) == (3, 0.7, 5)
     assert config["base_model"] == original["base_model"] and config["k_max"] == original["k_max"]
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == original["base_model"]  # not the training machine's path
 
     model = fluid_app.load(str(out), backend="torch", device="cpu", dtype="float32")
     fluid = model.generate(PROMPT, max_new_tokens=N)
