@@ -61,6 +61,6 @@ def export_merged(spec: ModelSpec, out: str | Path, *, dtype: str = "float32", f
             f"{spec.label} is not a FLUID checkpoint (no fluid_config.json); there is nothing to merge"
         )
     with atomic_folder(out, force=force) as tmp:
-        backend = load(spec, device="cpu", dtype=dtype, k_head=True)
+        backend = load(spec, device="cpu", dtype=dtype, k_head=True, pack=False)
         save_merged(backend, tmp, source_label=spec.label, k_head_file=spec.k_head_file)
     return Path(out).expanduser().resolve()

@@ -16,6 +16,7 @@ from fluid_app.mask_token import NEW_MASK_TOKEN, unused_special_token
 from fluid_app.protocol import StepOutput
 from fluid_app.sources import ModelSpec
 
+from .cpu_linear import pack_linear_layers
 from .k_head import KHead, load_k_head
 from .session import TorchSession
 
@@ -78,8 +79,12 @@ class TorchBackend:
 
 
 def load(spec: ModelSpec, *, device: str = "auto", dtype: str = "auto",
-         mask_token_id: int | None = None, k_head: bool = True) -> TorchBackend:
-    """Load a model and its FLUID pieces; pick or add the MASK token."""
+         mask_token_id: int | None = None, k_head: bool = True, pack: bool = True) -> TorchBackend:
+    """Load a model and its FLUID pieces; pick or add the MASK token.
+
+    ``pack`` pre-packs the linear layers of a CPU model for fast decoding (see
+    :mod:`.cpu_linear`); code that saves or trains the weights passes ``False``.
+    """
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     config = spec.fluid_config or FluidConfig()
@@ -92,6 +97,8 @@ def load(spec: ModelSpec, *, device: str = "auto", dtype: str = "auto",
     if spec.adapter is not None:
         model = _fuse_adapter(model, spec)
     model.to(torch_device)
+    if pack:
+        pack_linear_layers(model)
     head = None
     if k_head and spec.k_head_file is not None:
         head = load_k_head(spec.k_head_file, model.config.get_text_config().hidden_size).to(torch_dtype)

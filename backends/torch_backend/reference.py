@@ -87,7 +87,8 @@ def import_reference(src: Path, out: Path, *, mask_token_id: int | None = None, 
         raise FluidError(f"{src} is not in the authors' layout (needs config.json, weights and {HEAD_FILE})")
     mask = reference_mask_id(src, mask_token_id)
     with atomic_folder(out, force=force) as tmp:
-        backend = load(ModelSpec(str(src), src), device="cpu", dtype=dtype, mask_token_id=mask, k_head=False)
+        backend = load(ModelSpec(str(src), src), device="cpu", dtype=dtype, mask_token_id=mask, k_head=False,
+                       pack=False)
         hidden = backend.model.config.get_text_config().hidden_size
         head = k_head_from_reference(src / HEAD_FILE, hidden)
         config = FluidConfig.from_dict({**backend.fluid_config.to_dict(), "k_max": head.k_max,

@@ -115,7 +115,7 @@ def _train(opts: Stage2Options, env: Dist) -> dict[str, Any]:
     out = Path(opts.out).expanduser()
     spec = resolve_model(opts.model)
     dtype = "bfloat16" if opts.bf16 else "float32"
-    backend = load_backend(spec, device=str(env.device), dtype=dtype, k_head=False)
+    backend = load_backend(spec, device=str(env.device), dtype=dtype, k_head=False, pack=False)
     model, tokenizer, config = backend.model, backend.tokenizer, backend.fluid_config
     model.requires_grad_(False)
     if opts.max_len > backend.max_context:
