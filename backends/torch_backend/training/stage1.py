@@ -284,10 +284,10 @@ def _no_sync(wrapped, fsdp: bool, sync: bool):
     return contextlib.nullcontext()
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def _progress(total: int, initial: int, enabled: bool, desc: str = "stage1"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="stage1", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
 
 
 class _TrainLog:

@@ -156,7 +156,7 @@ def _train(opts: Stage2Options, env: Dist) -> dict[str, Any]:
 
     log = _TrainLog(out / LOG_FILE, 0) if env.is_main else None
 
-    bar = _progress(total, 0, enabled=env.is_main and opts.progress)
+    bar = _progress(total, 0, enabled=env.is_main and opts.progress, desc="stage2")
     order_epoch, order, last = -1, [], {}
     for step in range(total):
         started = time.perf_counter()
