@@ -80,6 +80,7 @@ def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
 def _public_modes(folder: Path) -> None:
     """Give the finished folder the modes a plain ``mkdir``/``open`` would have (``mkdtemp``'s
     are owner-only), so a shared cache stays readable."""
-    folder.chmod(ordinary_mode(directory=True))
+    file_mode, directory_mode = ordinary_mode(), ordinary_mode(directory=True)
+    folder.chmod(directory_mode)
     for path in folder.rglob("*"):
-        path.chmod(ordinary_mode(directory=path.is_dir()))
+        path.chmod(directory_mode if path.is_dir() else file_mode)

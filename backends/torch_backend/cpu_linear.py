@@ -32,26 +32,30 @@ class PackedLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "PackedLinear":
-        packed = cls.__new__(cls)
-        nn.Module.__init__(packed)
-        packed.in_features, packed.out_features = linear.in_features, linear.out_features
-        packed.weight, packed.bias = linear.weight, linear.bias
+        packed = _linear_shell(cls, linear, linear.weight, linear.bias)
         with torch.no_grad():
             packed.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), ROWS_HINT)
         return packed
 
     def __deepcopy__(self, memo: dict) -> nn.Linear:
-        plain = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(plain)
-        plain.in_features, plain.out_features = self.in_features, self.out_features
-        plain.weight, plain.bias = copy.deepcopy(self.weight, memo), copy.deepcopy(self.bias, memo)
-        return plain
+        return _linear_shell(nn.Linear, self, copy.deepcopy(self.weight, memo), copy.deepcopy(self.bias, memo))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return F.linear(x, self.weight, self.bias)  # the packed copy carries no gradient
         bias = None if self.bias is None else self.bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
+
+
+def _linear_shell(cls: type[nn.Linear], like: nn.Linear, weight: nn.Parameter,
+                  bias: nn.Parameter | None) -> nn.Linear:
+    """A ``cls`` layer shaped like ``like`` holding the given tensors, without
+    ``nn.Linear.__init__`` allocating and initialising weights only to drop them."""
+    layer = cls.__new__(cls)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = like.in_features, like.out_features
+    layer.weight, layer.bias = weight, bias
+    return layer
 
 
 def packing_works(dtype: torch.dtype) -> bool:
