@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import CONFIG_FILENAME, FluidConfig
 from .errors import FluidError
-from .portable import atomic_folder
+from .files import atomic_folder
 from .sources import ADAPTER_CONFIG, K_HEAD_FILENAME, ModelSpec
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

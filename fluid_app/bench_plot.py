@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import atomic_file
 from .errors import FluidError
+from .files import atomic_file
 
 
 def check_plot_path(path: str | Path) -> Path:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import FluidError
+from .files import write_json_atomic
 
 CONFIG_FILENAME = "fluid_config.json"
 
@@ -77,7 +76,7 @@ class FluidConfig:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``fluid_config.json`` atomically (temp file, then rename)."""
         path = Path(directory) / CONFIG_FILENAME
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_json_atomic(path, self.to_dict())
         return path
 
     @classmethod
@@ -99,37 +98,3 @@ def check_horizons_and_threshold(k_min: int, k_max: int, threshold: float) -> No
         raise FluidError(f"k_min ({k_min}) is larger than k_max ({k_max}); pass --k-min <= --k-max")
     if not 0.0 < threshold <= 1.0:
         raise FluidError(f"threshold must be in (0, 1] (got {threshold}); pass e.g. --threshold 0.9")
-
-
-def ordinary_mode(directory: bool = False) -> int:
-    """The mode a plain ``open``/``mkdir`` would give now (the umask decides).
-
-    ``mkstemp`` and ``mkdtemp`` make owner-only entries; what is renamed into place from
-    them gets this instead, so checkpoints, configs and plots stay readable like any file.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; when the block succeeds, rename it over ``path``
-    (readers see the old file or the new one, never half of one); on error, remove it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, ordinary_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (see :func:`atomic_file`)."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(text)

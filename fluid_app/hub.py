@@ -82,8 +82,13 @@ def pull(repo_id: str, revision: str | None = None, local_dir: str | os.PathLike
     cache, so ``--model`` finds it offline later).
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     _check_repo_id(repo_id)
     again = f"fluid pull {repo_id}" + (f" --revision {revision}" if revision else "")

@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from .config import ordinary_mode, write_text_atomic
-from .errors import FluidError
+from .files import write_json_atomic
 
 
 def portable_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -47,40 +43,5 @@ def fix_config_file(folder: str | os.PathLike) -> dict[str, Any]:
     """Rewrite ``folder/config.json`` with :func:`portable_config`; return the new dict."""
     path = Path(folder) / "config.json"
     config = portable_config(json.loads(path.read_text()))
-    write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(path, config)
     return config
-
-
-@contextmanager
-def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success rename it to ``out``.
-
-    On any error the temporary folder is removed and ``out`` is left as it was.
-    """
-    out = Path(out).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FluidError(f"{out} already exists and is not empty; pick another OUT or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
-    try:
-        yield tmp
-        _public_modes(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _public_modes(folder: Path) -> None:
-    """Give the finished folder the modes a plain ``mkdir``/``open`` would have (``mkdtemp``'s
-    are owner-only), so a shared cache stays readable."""
-    file_mode, directory_mode = ordinary_mode(), ordinary_mode(directory=True)
-    folder.chmod(directory_mode)
-    for path in folder.rglob("*"):
-        path.chmod(directory_mode if path.is_dir() else file_mode)

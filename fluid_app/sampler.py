@@ -28,8 +28,8 @@ import numpy as np
 
 from .config import check_horizons_and_threshold
 from .errors import FluidError
-from .lookup import lookup_continuation
 from .events import BlockStart, Commit, Draft, Event, Finished, Verify
+from .lookup import lookup_continuation
 from .protocol import Backend, StepOutput
 
 MODES = ("ar", "reference", "fluid")

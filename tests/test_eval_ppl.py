@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from checkpoints import make_adapter_checkpoint
 from conftest import run_cli
-from fluid_app.data import build_examples, read_conversations
 from test_cli import assert_one_line_error
 from tiny_models import write_chat_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fluid_app.data import build_examples, read_conversations
 
 
 def _brute_force_perplexity(folder, examples) -> float:

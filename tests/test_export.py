@@ -8,11 +8,11 @@ import os
 
 import pytest
 import torch
+from checkpoints import make_adapter_checkpoint, with_rope_theta
+from conftest import HAS_SMOLLM2, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fluid_app
-from checkpoints import make_adapter_checkpoint, with_rope_theta
-from conftest import HAS_SMOLLM2, run_cli
 
 PROMPT = "The quick brown fox"
 N = 24

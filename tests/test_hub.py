@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-import fluid_app
 from checkpoints import make_adapter_checkpoint
 from conftest import run_cli
 from hub_server import HubServer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import fluid_app
 
 PROMPT = "The quick brown fox"
 N = 16

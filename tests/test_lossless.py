@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import HAS_SMOLLM2
 
 import fluid_app
-from conftest import HAS_SMOLLM2
 
 PROMPTS = [
     "The quick brown fox", "Paris is the capital of", "def add(a, b):", "Once upon a time",

@@ -17,8 +17,9 @@ import pytest
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install 'mlx[cpu]' mlx-lm)")
 pytest.importorskip("mlx_lm", reason="mlx-lm is not installed")
 
-import fluid_app  # noqa: E402
 from conftest import HAS_SMOLLM2, ROOT, run_cli  # noqa: E402
+
+import fluid_app  # noqa: E402
 
 PROMPTS = [
     "The quick brown", "Paris is the", "def add(a, b):", "1, 2, 3", "Once upon a time",

@@ -7,10 +7,10 @@ import itertools
 
 import numpy as np
 import pytest
+from toy_backend import EOS, ToyLM
 
 from fluid_app.events import BlockStart, Commit, Draft, Finished, Verify
 from fluid_app.sampler import Decoder, DecodeSettings
-from toy_backend import EOS, ToyLM
 
 SETTINGS = [
     dict(k_min=1, k_max=4, threshold=0.9),

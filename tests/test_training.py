@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from conftest import ROOT, run_cli
+from safetensors.torch import load_file
 from tiny_models import write_chat_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from backends.torch_backend.training.collate import collate
 from backends.torch_backend.training.masks import mask_mod_for, sdpa_mask

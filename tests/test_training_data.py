@@ -8,8 +8,14 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from fluid_app.data import (SHAREGPT_PACKAGE_FILE, build_examples, iter_json_array, iter_records,
-                            read_conversations, render_example)
+from fluid_app.data import (
+    SHAREGPT_PACKAGE_FILE,
+    build_examples,
+    iter_json_array,
+    iter_records,
+    read_conversations,
+    render_example,
+)
 from fluid_app.errors import FluidError
 from fluid_app.layout import IGNORE_INDEX
 

@@ -14,7 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from fluid_app.errors import FluidError
-from fluid_app.portable import atomic_folder, fix_config_file
+from fluid_app.files import atomic_folder
+from fluid_app.portable import fix_config_file
 from fluid_app.sources import K_HEAD_FILENAME, ModelSpec
 
 from .loader import load

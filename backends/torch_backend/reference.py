@@ -78,7 +78,7 @@ def reference_mask_id(folder: Path, given: int | None) -> int:
 def import_reference(src: Path, out: Path, *, mask_token_id: int | None = None, dtype: str = "float32",
                      force: bool = False, verify_tokens: int = 16) -> Path:
     """Write ``src`` (authors' layout) as a FLUID folder at ``out`` and check it decodes losslessly."""
-    from fluid_app.portable import atomic_folder
+    from fluid_app.files import atomic_folder
 
     from .export import save_merged
     from .loader import load

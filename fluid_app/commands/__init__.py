@@ -38,6 +38,7 @@ def load_model(args: argparse.Namespace):
     import sys
 
     from backends import pick_backend
+
     from ..api import load
 
     backend, reason = pick_backend(args.backend)

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
                          "pass a FLUID checkpoint (e.g. --model default)")
     from backends.torch_backend.loader import load as load_torch
     from backends.torch_backend.perplexity import assistant_nll, perplexity
+
     from ..sources import ModelSpec
 
     examples = build_examples(conversations, adapted.tokenizer, max_len=args.max_len, source=args.data)

@@ -19,12 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from fluid_app.config import CONFIG_FILENAME, FluidConfig, write_text_atomic
+from fluid_app.config import CONFIG_FILENAME, FluidConfig
 from fluid_app.errors import FluidError
+from fluid_app.files import write_text_atomic
 
 from .distributed import Dist
 from .model import causal_lm

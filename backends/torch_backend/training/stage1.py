@@ -298,7 +298,7 @@ class _TrainLog:
         if path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= start]
-            from fluid_app.config import write_text_atomic
+            from fluid_app.files import write_text_atomic
 
             write_text_atomic(path, "".join(line + "\n" for line in kept))
 
