@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from backends.torch_backend.k_head import KHead, save_k_head
-from fluid_app.config import FluidConfig
+from fluid_app.fluid_config import FluidConfig
 
 
 def make_adapter_checkpoint(base: Path, ckpt: Path, seed: int = 1, k_max: int = 8) -> Path:

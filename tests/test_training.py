@@ -14,33 +14,20 @@ import pytest
 import torch
 from conftest import ROOT, run_cli
 from safetensors.torch import load_file
-from tiny_models import write_chat_file
+from training_helpers import chat_file_fixture, read_log, stage1_options
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from backends.torch_backend.training.collate import collate
 from backends.torch_backend.training.masks import mask_mod_for, sdpa_mask
 from backends.torch_backend.training.model import FluidLossModule
-from backends.torch_backend.training.stage1 import Stage1Options, run_stage1
+from backends.torch_backend.training.stage1 import run_stage1
 from backends.torch_backend.training.stage2 import Stage2Options, run_stage2
 from fluid_app.data import build_examples, read_conversations
 from fluid_app.layout import IGNORE_INDEX, build_layout
 
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory) -> Path:
-    """48 short chats over the tiny tokenizer's corpus (learnable, so losses can fall)."""
-    return write_chat_file(tmp_path_factory.mktemp("data") / "chat.jsonl", 48)
-
-
-def _opts(base, data, out, **over) -> Stage1Options:
-    values = dict(base=str(base), data=str(data), out=str(out), k_max=4, max_len=96, batch_size=2,
-                  lr=2e-3, warmup_ratio=0.0, steps=4, device="cpu", progress=False)
-    values.update(over)
-    return Stage1Options(**values)
-
-
-def _log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+chat_file = chat_file_fixture(48)
+_opts = stage1_options
+_log = read_log
 
 
 # ---------------------------------------------------------------- 1. layout -> loss
@@ -215,18 +202,21 @@ def test_stage1_lowers_both_losses_and_stage2_touches_only_the_head(tiny_model_d
 
     backbone_before = {k: v.clone() for k, v in model.backend.model.state_dict().items()}
     stage2 = tmp_path / "stage2"
+    (out / "adapter_model.safetensors").chmod(0o600)  # as older versions left it: the copy must not keep it
     result = run_stage2(Stage2Options(model=str(out), data=str(chat_file), out=str(stage2), steps=5, tau=6.0,
                                       max_len=96, device="cpu", progress=False))
     assert result["last"]["anchors"] > 0
     head = load_file(str(stage2 / "k_head.safetensors"))
     assert set(head) == {"proj.weight", "proj.bias", "out.weight", "out.bias"} and head["out.weight"].shape[0] == 4
-    assert torch.equal(load_file(str(stage2 / "adapter_model.safetensors"))[next(iter(load_file(str(out / "adapter_model.safetensors"))))],
-                       load_file(str(out / "adapter_model.safetensors"))[next(iter(load_file(str(out / "adapter_model.safetensors"))))])
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    copied = load_file(str(stage2 / "adapter_model.safetensors"))
+    assert copied.keys() == adapter.keys() and all(torch.equal(copied[k], adapter[k]) for k in adapter)
     loaded = fluid_app.load(str(stage2), backend="torch", device="cpu")
     assert loaded.backend.has_k_head and loaded.config.tau == 6.0
     after = loaded.backend.model.state_dict()
     assert all(torch.equal(backbone_before[k], after[k]) for k in backbone_before)
     assert loaded.generate("Paris is", mode="fluid", max_new_tokens=16).token_ids == ar.token_ids
+    _assert_ordinary_modes(stage2, "adapter_model.safetensors", "k_head.safetensors")
 
 
 def test_kl_ar_loss_with_a_heavy_weight_keeps_the_model_near_its_base(tiny_model_dir, chat_file, tmp_path):
@@ -261,7 +251,7 @@ def test_added_mask_token_checkpoint_loads_and_decodes(tiny_model_dir, chat_file
     import shutil
 
     import fluid_app
-    from fluid_app.mask_token import unused_special_token
+    from fluid_app.hf_config import unused_special_token
 
     base = tmp_path / "no-spare-token"
     shutil.copytree(tiny_model_dir("llama"), base)
@@ -277,7 +267,8 @@ def test_added_mask_token_checkpoint_loads_and_decodes(tiny_model_dir, chat_file
     model = fluid_app.load(str(out), backend="torch", device="cpu")
     assert model.backend.model.get_input_embeddings().weight.shape[0] == len(tokenizer) + 1
     again = fluid_app.load(str(out), backend="torch", device="cpu")
-    assert torch.equal(model.backend.model.get_output_embeddings().weight, again.backend.model.get_output_embeddings().weight)
+    assert torch.equal(model.backend.model.get_output_embeddings().weight,
+                       again.backend.model.get_output_embeddings().weight)
     ar = model.generate("Paris is", mode="ar", max_new_tokens=12)
     assert model.generate("Paris is", mode="fluid", max_new_tokens=12, k_min=1).token_ids == ar.token_ids
 
@@ -306,6 +297,7 @@ def test_stage2_on_a_plain_model_writes_a_head_only_checkpoint(tiny_model_dir, c
     run_stage2(Stage2Options(model=str(base), data=str(chat_file), out=str(out), k_max=4, steps=2, max_len=64,
                              device="cpu", progress=False))
     assert sorted(p.name for p in out.iterdir()) == ["fluid_config.json", "k_head.safetensors", "stage2_log.jsonl"]
+    _assert_ordinary_modes(out, "k_head.safetensors")
     assert [json.loads(line)["step"] for line in (out / "stage2_log.jsonl").read_text().splitlines()] == [1, 2]
     model = fluid_app.load(str(out), backend="torch", device="cpu")
     assert model.backend.has_k_head and model.config.k_max == 4 and model.config.base_model == str(base)
@@ -323,18 +315,38 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, chat_file, tmp_p
     split = tmp_path / "split"
     run_stage1(_opts(base, chat_file, split, steps=20, warmup_ratio=0.1, stop_at_step=10))
     assert not (split / "fluid_config.json").exists()  # stopped: no final checkpoint yet
-    assert (split / "checkpoints" / "step-0000010" / "trainer_state.json").exists()
+    step_folder = split / "checkpoints" / "step-0000010"
+    assert (step_folder / "trainer_state.json").exists()
+    assert not list(split.rglob("*.pt"))  # the training state is safetensors + JSON: nothing to unpickle
+    state_files = {"optimizer.safetensors", "optimizer.json", "rng-rank0.safetensors", "rng-rank0.json"}
+    assert state_files <= {p.name for p in step_folder.iterdir()}
     import fluid_app
 
-    assert fluid_app.load(str(split / "checkpoints" / "step-0000010"), backend="torch", device="cpu").config.k_max == 4
+    assert fluid_app.load(str(step_folder), backend="torch", device="cpu").config.k_max == 4
+    with open(split / "train_log.jsonl", "a") as log:  # killed while logging step 11: a torn last line
+        log.write('{"step": 11, "loss_ar": 2.')
     run_stage1(_opts(base, chat_file, split, steps=20, warmup_ratio=0.1, resume="auto"))
     a, b = _log(straight), _log(split)
     assert [r["step"] for r in b] == list(range(1, 21))
     for x, y in zip(a, b):
         assert (x["loss_ar"], x["loss_diff"], x["lr"]) == pytest.approx((y["loss_ar"], y["loss_diff"], y["lr"]),
                                                                          rel=1e-6, abs=1e-7)
-    assert torch.equal(load_file(str(straight / "adapter_model.safetensors"))["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
-                       load_file(str(split / "adapter_model.safetensors"))["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+    lora_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert torch.equal(load_file(str(straight / "adapter_model.safetensors"))[lora_a],
+                       load_file(str(split / "adapter_model.safetensors"))[lora_a])
+    _assert_ordinary_modes(straight, "adapter_model.safetensors")
+    _assert_ordinary_modes(split, "adapter_model.safetensors", "trainable.safetensors")
+
+
+def _assert_ordinary_modes(folder: Path, *names: str) -> None:
+    """Every file and folder (``names`` among them) has the mode ``open``/``mkdir`` would
+    give, not the owner-only 0600 that safetensors' own writer leaves."""
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [folder, *folder.rglob("*")]
+    assert set(names) <= {p.name for p in paths}
+    for path in paths:
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
 
 
 # ----------------------------------------------------------------------- 7. bad input

@@ -1,12 +1,15 @@
 """``fluid train stage1`` (joint causal backbone, LoRA or full) and ``fluid train stage2``
 (K-head calibration). Torch code is imported inside ``run`` so ``fluid --help`` stays light.
-Runs unchanged under ``torchrun --nproc_per_node N`` (DDP, or FSDP2 with ``--fsdp``)."""
+Runs unchanged under ``torchrun --nproc_per_node N`` (DDP, or FSDP2 with ``--fsdp``).
+FLUID hyper-parameter flags default to None: the options fill them from ``FluidConfig``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from fluid_app.fluid_config import FluidConfig
 
 
 def register(subparsers) -> None:
@@ -28,10 +31,14 @@ def register(subparsers) -> None:
                           "next-token distribution (keeps AR perplexity when training on self-distilled data)")
     one.add_argument("--ar-weight", type=float, default=1.0,
                      help="weight of the main-token loss against the mask loss (1: the method's plain sum)")
-    one.add_argument("--k-max", type=int, default=16, help="largest mask block per anchor (K)")
-    one.add_argument("--k-min", type=int, default=4, help="smallest horizon recorded for decoding")
-    one.add_argument("--anchor-rate", type=float, default=0.5)
-    one.add_argument("--noise-rate", type=float, default=0.1)
+    one.add_argument("--k-max", type=int, default=None,
+                     help=f"largest mask block per anchor (K; default {FluidConfig.k_max})")
+    one.add_argument("--k-min", type=int, default=None,
+                     help=f"smallest horizon recorded for decoding (default {FluidConfig.k_min})")
+    one.add_argument("--anchor-rate", type=float, default=None,
+                     help=f"chance that a reply token gets a mask block (default {FluidConfig.anchor_rate})")
+    one.add_argument("--noise-rate", type=float, default=None,
+                     help=f"chance that a restored mask slot gets a random token (default {FluidConfig.noise_rate})")
     one.add_argument("--grad-accum", type=int, default=1)
     one.add_argument("--lr", type=float, default=2e-4)
     one.add_argument("--weight-decay", type=float, default=0.0)
@@ -46,6 +53,14 @@ def register(subparsers) -> None:
                      help="continue from the latest checkpoint in --out (or the given folder)")
     one.add_argument("--stop-at-step", type=int, default=None,
                      help="save and stop after this step (split a long run into jobs); --resume continues")
+    one.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                     help="save and stop after the first step that ends this many seconds after the start "
+                          "(fits a job's time limit); --resume continues")
+    one.add_argument("--eval-every", type=int, default=0, metavar="N",
+                     help="every N steps and at the end, log the masks' top-1 accuracy at offsets 1..K and the "
+                          "mean accepted draft run on held-out replies (needs --holdout; 0: off)")
+    one.add_argument("--eval-count", type=int, default=32, metavar="N",
+                     help="held-out conversations --eval-every scores (default 32)")
     one.add_argument("--attention", default="auto", choices=["auto", "flex", "sdpa"],
                      help="flex: BlockMask with flex_attention (CUDA default); sdpa: boolean mask (CPU default)")
     one.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun)")
@@ -55,12 +70,17 @@ def register(subparsers) -> None:
     two.add_argument("--model", required=True, help="Stage I output folder (or any model reference)")
     _data_options(two)
     two.add_argument("--k-max", type=int, default=None, help="horizon classes (default: the checkpoint's k_max)")
-    two.add_argument("--tau", type=float, default=2.8, help="entropy budget of a stride (mean mask loss)")
-    two.add_argument("--sigma", type=float, default=1.5, help="width of the soft target")
+    two.add_argument("--tau", type=float, default=None,
+                     help=f"entropy budget of a stride (mean mask loss; default {FluidConfig.tau})")
+    two.add_argument("--sigma", type=float, default=None,
+                     help=f"width of the soft target (default {FluidConfig.sigma})")
     two.add_argument("--lr", type=float, default=1e-3)
     two.add_argument("--warmup-ratio", type=float, default=0.0)
     two.add_argument("--epochs", type=float, default=None)
     two.add_argument("--bf16", action="store_true", help="run the frozen backbone in bfloat16")
+    two.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                     help="stop training the head after the first step that ends this many seconds after the "
+                          "start, and export it as it is")
     two.set_defaults(run=run_stage2)
 
 
@@ -82,13 +102,6 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
 
 
-def _options(cls, args: argparse.Namespace):
-    from dataclasses import fields
-
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
-
-
 def _finish(args: argparse.Namespace, summary: dict) -> int:
     if summary.get("rank", 0) != 0:  # under torchrun only the first process reports
         return 0
@@ -100,12 +113,12 @@ def _finish(args: argparse.Namespace, summary: dict) -> int:
 
 
 def run_stage1(args: argparse.Namespace) -> int:
-    from backends.torch_backend.training.stage1 import Stage1Options, run_stage1
+    from backends import train
 
-    return _finish(args, run_stage1(_options(Stage1Options, args)))
+    return _finish(args, train("stage1", vars(args)))
 
 
 def run_stage2(args: argparse.Namespace) -> int:
-    from backends.torch_backend.training.stage2 import Stage2Options, run_stage2
+    from backends import train
 
-    return _finish(args, run_stage2(_options(Stage2Options, args)))
+    return _finish(args, train("stage2", vars(args)))

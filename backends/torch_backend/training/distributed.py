@@ -85,7 +85,3 @@ def _inner_model(module: nn.Module):
 
     return causal_lm(getattr(module, "model", module))
 
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel) \
-        else module

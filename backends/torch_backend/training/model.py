@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fluid_app.hf_config import context_length
 from fluid_app.layout import IGNORE_INDEX
-from fluid_app.sources import ModelSpec
+from fluid_app.model_refs import ModelSpec
 
-from ..loader import _context_length, ensure_mask_token, load_pretrained
+from ..loader import ensure_mask_token, load_pretrained
 
 
 @dataclass
@@ -39,7 +40,7 @@ def load_base(spec: ModelSpec, *, dtype: torch.dtype, attn_implementation: str,
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = False
-    return LoadedBase(model, tokenizer, int(mask_token_id), added, _context_length(model.config))
+    return LoadedBase(model, tokenizer, int(mask_token_id), added, context_length(model.config.to_dict()))
 
 
 def attach_lora(model: Any, *, rank: int, alpha: int, dropout: float, mask_token_id: int,
@@ -60,6 +61,7 @@ def causal_lm(model: Any):
 
 
 AR_LOSSES = ("ce", "kl")
+TOP1_CHUNK = 8192  # LM-head rows at a time for ``top1``: all mask slots' logits at once can take gigabytes
 
 
 class FluidLossModule(nn.Module):
@@ -91,10 +93,17 @@ class FluidLossModule(nn.Module):
                       use_cache=False)
         return out.last_hidden_state
 
-    def forward(self, input_ids, position_ids, attention_mask, labels, is_mask):
+    def forward(self, input_ids, position_ids, attention_mask, labels, is_mask, top1: bool = False):
+        """The loss sums and counts; with ``top1``, instead the argmax token of every labelled
+        mask slot, in row-major order (what the held-out draft evaluation scores). Both go
+        through ``forward`` so that FSDP gathers the weights for either."""
         hidden = self.hidden_states(input_ids, position_ids, attention_mask)
         selected = labels != IGNORE_INDEX
         head = causal_lm(self.model).get_output_embeddings()
+        if top1:
+            rows = hidden[selected & is_mask]
+            return torch.cat([head(rows[i:i + TOP1_CHUNK]).argmax(-1) for i in range(0, rows.shape[0], TOP1_CHUNK)]) \
+                if rows.shape[0] else torch.zeros(0, dtype=torch.long, device=rows.device)
         logits = head(hidden[selected]).float()
         losses = F.cross_entropy(logits, labels[selected], reduction="none")
         on_mask = is_mask[selected]

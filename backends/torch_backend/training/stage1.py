@@ -9,26 +9,27 @@ the same step. ``loss_ar`` (main tokens) and ``loss_diff`` (masks) are logged ap
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import time
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler
 
-from fluid_app.config import FluidConfig
 from fluid_app.data import build_examples, read_conversations
 from fluid_app.errors import FluidError
-from fluid_app.sources import resolve_model
+from fluid_app.fluid_config import CONFIG_FILENAME, FluidConfig
+from fluid_app.layout import IGNORE_INDEX
+from fluid_app.model_refs import resolve_model
 
 from . import checkpoint as ckpt
 from .collate import LayoutOptions, collate, make_layouts
-from .distributed import Dist, setup, teardown, wrap
+from .distributed import Dist, wrap
+from .evaluate import DraftEvaluator
+from .loop import Plan, Step, check_max_len, cosine_scheduler, plan_steps, run_stage, run_steps
 from .masks import build_attention_mask
-from .model import AR_LOSSES, FluidLossModule, attach_lora, causal_lm, load_base
+from .model import AR_LOSSES, FluidLossModule, LoadedBase, attach_lora, causal_lm, load_base
+from .options import fill_fluid_defaults
 
 LOG_FILE = "train_log.jsonl"
 
@@ -46,10 +47,10 @@ class Stage1Options:
     ar_loss: str = "ce"  # ce: labels (the method) | kl: the frozen base's distribution (keeps perplexity)
     ar_weight: float = 1.0  # weight of the main-token loss; 1.0 is the method's plain sum L_AR + L_Diff
     mask_token_id: int | None = None
-    k_max: int = 16
-    k_min: int = 4
-    anchor_rate: float = 0.5
-    noise_rate: float = 0.1
+    k_max: int | None = None  # None: FluidConfig's (so for the next three)
+    k_min: int | None = None
+    anchor_rate: float | None = None
+    noise_rate: float | None = None
     max_len: int = 1024
     batch_size: int = 2
     grad_accum: int = 1
@@ -66,12 +67,18 @@ class Stage1Options:
     keep_checkpoints: int = 2
     resume: str | None = None
     stop_at_step: int | None = None
+    time_limit: float | None = None  # seconds from the start: stop (saving, as stop_at_step) after the step past it
+    eval_every: int = 0  # held-out draft quality every N steps and at the end (0: off); needs holdout > 0
+    eval_count: int = 32  # held-out conversations it reads at most
     holdout: float = 0.0
     limit: int | None = None
     attention: str = "auto"  # auto | flex | sdpa
     device: str = "auto"
     fsdp: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        fill_fluid_defaults(self, ("k_max", "k_min", "anchor_rate", "noise_rate"))
 
     def validate(self) -> None:
         for name in ("k_max", "max_len", "batch_size", "grad_accum", "lora_rank"):
@@ -91,12 +98,21 @@ class Stage1Options:
             raise FluidError("--ar-loss kl distils the frozen base (the LoRA adapter switched off); drop --full")
         if self.attention not in ("auto", "flex", "sdpa"):
             raise FluidError(f"unknown --attention {self.attention!r}; use auto, flex or sdpa")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise FluidError(f"time_limit must be a positive number of seconds (got {self.time_limit})",
+                             "time_limit")
+        if self.eval_every < 0 or self.eval_count < 1:
+            raise FluidError(f"eval_every must be 0 (off) or more and eval_count at least 1 "
+                             f"(got {self.eval_every} and {self.eval_count})", "eval_every", "eval_count")
+        if self.eval_every and not self.holdout:
+            raise FluidError("eval_every scores held-out replies: set holdout (e.g. 0.02, the last 2% of the "
+                             "records) or turn eval_every off (0)", "eval_every", "holdout")
 
 
 def base_reference(base: str) -> str:
     """What fluid_config.json records as ``base_model``: an absolute path for local files, the
     package file for ``default`` (so the reference keeps meaning the *base* model)."""
-    from fluid_app.sources import DEFAULT_BASE
+    from fluid_app.model_refs import DEFAULT_BASE
 
     if base == "default":
         return DEFAULT_BASE
@@ -105,24 +121,21 @@ def base_reference(base: str) -> str:
 
 
 def run_stage1(opts: Stage1Options) -> dict[str, Any]:
-    opts.validate()
-    env = setup(opts.device)
-    try:
-        return _train(opts, env)
-    finally:
-        teardown(env)
+    return run_stage(opts, _train)
 
 
 def _check_resume(opts: Stage1Options, out: Path, global_batch: int | None = None) -> tuple[Path, dict] | None:
-    if opts.resume is None:
-        if (out / "fluid_config.json").exists() or (out / ckpt.CHECKPOINTS).exists():
+    """The checkpoint to resume and its state, checked against ``opts``; ``None`` to start
+    from step 0 (refused where ``out`` holds a finished run or checkpoint not asked for)."""
+    folder = ckpt.find_resume_dir(opts.resume, out) if opts.resume is not None else None
+    if folder is None:
+        if ckpt.holds_run(out):
             raise FluidError(f"{out} already holds a training run; pass --resume to continue it or another --out")
         return None
-    folder = ckpt.find_resume_dir(opts.resume, out)
     state = ckpt.read_training_state(folder)
     saved = state["options"]
-    if saved["base_model"] != base_reference(opts.base):
-        raise FluidError(f"{folder} was trained from base {saved['base_model']}, not {base_reference(opts.base)}; "
+    if saved.get("base_model") != base_reference(opts.base):
+        raise FluidError(f"{folder} was trained from base {saved.get('base_model')}, not {base_reference(opts.base)}; "
                          "pass the same --base or another --resume folder")
     for name in ("full", "lora_rank", "k_max", "max_len", "seed"):
         if saved.get(name) != getattr(opts, name):
@@ -134,142 +147,201 @@ def _check_resume(opts: Stage1Options, out: Path, global_batch: int | None = Non
     return folder, state
 
 
-def _train(opts: Stage1Options, env: Dist) -> dict[str, Any]:
+def _train(opts: Stage1Options, env: Dist, started: float) -> dict[str, Any]:
     out = Path(opts.out).expanduser()
     spec = resolve_model(base_reference(opts.base))
     if spec.adapter is not None:
         raise FluidError(f"{opts.base} is a FLUID LoRA checkpoint; pass its base model "
                          f"({spec.base}) as --base, or --resume to continue that run")
-    resume = _check_resume(opts, out)
+    _check_resume(opts, out)
     use_flex = opts.attention == "flex" or (opts.attention == "auto" and env.device.type == "cuda")
-    attn_kind = "flex" if use_flex else "sdpa"
     dtype = torch.bfloat16 if opts.bf16 and not opts.full else torch.float32
     base = load_base(spec, dtype=dtype, attn_implementation="flex_attention" if use_flex else "sdpa",
                      mask_token_id=opts.mask_token_id)
-    if opts.max_len > base.max_context:
-        raise FluidError(f"--max-len {opts.max_len} is longer than the model context ({base.max_context} tokens); "
-                         f"pass --max-len {base.max_context} or less")
-    conversations = read_conversations(opts.data, holdout=opts.holdout, limit=opts.limit)
-    examples = build_examples(conversations, base.tokenizer, max_len=opts.max_len, source=opts.data,
-                              progress=env.is_main and opts.progress)
-    global_batch = opts.batch_size * opts.grad_accum * env.world_size
-    steps_per_epoch = len(examples) // global_batch
-    if steps_per_epoch == 0:
-        raise FluidError(f"{len(examples)} examples are fewer than one global batch ({global_batch}); "
-                         "lower --batch-size/--grad-accum or add data")
-    total = opts.steps if opts.steps is not None else max(1, math.ceil((opts.epochs or 1.0) * steps_per_epoch))
-    resume = _check_resume(opts, out, global_batch)
-
-    torch.manual_seed(opts.seed)
-    model = base.model
-    if opts.full:
-        model.requires_grad_(True)
-    else:
-        model = attach_lora(model, rank=opts.lora_rank, alpha=opts.lora_alpha, dropout=opts.lora_dropout,
-                            mask_token_id=base.mask_token_id,
-                            train_mask_embedding=opts.train_mask_embedding or base.added_mask_token)
-    if opts.gradient_checkpointing:
-        causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(env.device)
-    module = FluidLossModule(model, ar_loss=opts.ar_loss)
-    module.train()
-    wrapped = wrap(module, env, fsdp=opts.fsdp, bf16=opts.bf16)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(opts.warmup_ratio * total), total)
+    check_max_len(opts.max_len, base.max_context)
+    plan = plan_steps(opts, base.tokenizer, env, per_rank=opts.batch_size * opts.grad_accum,
+                      batch_flags="--batch-size/--grad-accum")
+    resume = _check_resume(opts, out, plan.global_batch)
+    run = _Stage1Run.build(opts, env, base, plan, out, "flex" if use_flex else "sdpa")
+    if opts.eval_every:
+        run.evaluator = _evaluator(opts, env, base, run.attn_kind)
     start = 0
     if resume is not None:
-        ckpt.load_training_state(resume[0], env, module, optimizer, scheduler)
+        ckpt.load_training_state(resume[0], env, run.module, run.optimizer, run.scheduler)
         start = int(resume[1]["step"])
+    elif opts.resume is not None and env.is_main:
+        print(f"note: {out} holds no finished checkpoint to resume; starting from step 0", file=sys.stderr)
+    if env.is_main:
+        ckpt.clear_stale_temps(out)
+    deadline = started + opts.time_limit if opts.time_limit else None
+    last = run_steps(plan, env, opts, start=start, stop=run.stop, log_path=out / LOG_FILE, desc="stage1",
+                     step=run.step, postfix=_postfix, after_step=run.after_step, deadline=deadline)
+    done = int(last.get("step", start))
+    if done == plan.total:
+        run.export_final()
+    return {"steps": done, "total_steps": plan.total, "last": last, "eval": run.last_eval, "out": str(out),
+            "examples": len(plan.examples), "rank": env.rank}
 
-    tokenizer = base.tokenizer
-    layout_options = LayoutOptions(
-        mask_token_id=base.mask_token_id, k_max=opts.k_max, vocab_size=int(causal_lm(model).get_output_embeddings().weight.shape[0]),
-        special_ids=tuple(sorted(set(tokenizer.all_special_ids))), anchor_rate=opts.anchor_rate,
-        noise_rate=opts.noise_rate)
-    fluid_config = FluidConfig(
-        mask_token_id=base.mask_token_id, k_min=min(opts.k_min, opts.k_max), k_max=opts.k_max,
-        anchor_rate=opts.anchor_rate, noise_rate=opts.noise_rate, base_model=base_reference(opts.base),
-        extra={"stage1": {**_metadata(opts), "examples": len(examples), "global_batch": global_batch,
-                          "total_steps": total, "world_size": env.world_size}})
-    sampler = DistributedSampler(range(len(examples)), num_replicas=env.world_size, rank=env.rank,
-                                 shuffle=True, seed=opts.seed, drop_last=True)
-    log = _TrainLog(out / LOG_FILE, start) if env.is_main else None
-    autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if opts.bf16
-                else contextlib.nullcontext())
-    pad_multiple = 128 if use_flex else 1
-    stop = min(total, opts.stop_at_step) if opts.stop_at_step else total
-    bar = _progress(total, start, enabled=env.is_main and opts.progress)
-    order_epoch, order = -1, []
-    last: dict[str, Any] = {}
-    per_rank = opts.batch_size * opts.grad_accum
-    for step in range(start, stop):
-        started = time.perf_counter()
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            sampler.set_epoch(epoch)
-            order, order_epoch = list(sampler), epoch
-        first = in_epoch * per_rank
-        micro = [order[first + m * opts.batch_size: first + (m + 1) * opts.batch_size] for m in range(opts.grad_accum)]
-        batches = [collate(make_layouts(examples, ix, layout_options, seed=opts.seed, epoch=epoch),
-                           tokenizer.pad_token_id, pad_multiple).to(env.device) for ix in micro]
-        local_count = sum(int((b.labels != -100).sum()) for b in batches)
+
+def _evaluator(opts: Stage1Options, env: Dist, base: LoadedBase, attn_kind: str) -> DraftEvaluator:
+    """The held-out examples ``--eval-every`` scores: the first ``eval_count`` conversations of
+    the held-out split (the last ``holdout`` of the records), rendered as training renders."""
+    conversations = read_conversations(opts.data, holdout=opts.holdout, split="heldout", limit=opts.eval_count)
+    if not conversations:
+        raise FluidError(f"the held-out split of {opts.data} is empty (holdout {opts.holdout} of its records "
+                         "rounds down to none); raise holdout or turn eval_every off", "holdout", "eval_every")
+    examples = build_examples(conversations, base.tokenizer, max_len=opts.max_len, source=f"{opts.data} (held out)")
+    return DraftEvaluator(examples, mask_token_id=base.mask_token_id, k=opts.k_max, batch_size=opts.batch_size,
+                          pad_token_id=base.tokenizer.pad_token_id, attn_kind=attn_kind, device=env.device,
+                          bf16=opts.bf16)
+
+
+@dataclass
+class _Stage1Run:
+    """What a Stage I step and its checkpoints use."""
+
+    opts: Stage1Options
+    env: Dist
+    plan: Plan
+    out: Path
+    model: Any
+    module: FluidLossModule
+    wrapped: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tokenizer: Any
+    layout_options: LayoutOptions
+    fluid_config: FluidConfig
+    attn_kind: str
+    autocast: Any
+    stop: int
+    evaluator: DraftEvaluator | None = None
+    last_eval: dict[str, Any] | None = None
+
+    @classmethod
+    def build(cls, opts: Stage1Options, env: Dist, base: LoadedBase, plan: Plan, out: Path,
+              attn_kind: str) -> "_Stage1Run":
+        """The model to train (LoRA or full, seeded), wrapped for DDP/FSDP, its optimizer and schedule."""
+        torch.manual_seed(opts.seed)
+        model = base.model
+        if opts.full:
+            model.requires_grad_(True)
+        else:
+            model = attach_lora(model, rank=opts.lora_rank, alpha=opts.lora_alpha, dropout=opts.lora_dropout,
+                                mask_token_id=base.mask_token_id,
+                                train_mask_embedding=opts.train_mask_embedding or base.added_mask_token)
+        if opts.gradient_checkpointing:
+            causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.to(env.device)
+        module = FluidLossModule(model, ar_loss=opts.ar_loss)
+        module.train()
+        wrapped = wrap(module, env, fsdp=opts.fsdp, bf16=opts.bf16)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+        scheduler = cosine_scheduler(optimizer, opts.warmup_ratio, plan.total)
+        tokenizer = base.tokenizer
+        vocab_size = int(causal_lm(model).get_output_embeddings().weight.shape[0])
+        layout_options = LayoutOptions(
+            mask_token_id=base.mask_token_id, k_max=opts.k_max, vocab_size=vocab_size,
+            special_ids=tuple(sorted(set(tokenizer.all_special_ids))), anchor_rate=opts.anchor_rate,
+            noise_rate=opts.noise_rate)
+        fluid_config = FluidConfig(
+            mask_token_id=base.mask_token_id, k_min=min(opts.k_min, opts.k_max), k_max=opts.k_max,
+            anchor_rate=opts.anchor_rate, noise_rate=opts.noise_rate, base_model=base_reference(opts.base),
+            extra={"stage1": {**_metadata(opts), "examples": len(plan.examples), "global_batch": plan.global_batch,
+                              "total_steps": plan.total, "world_size": env.world_size}})
+        autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if opts.bf16 else contextlib.nullcontext()
+        stop = min(plan.total, opts.stop_at_step) if opts.stop_at_step else plan.total
+        return cls(opts, env, plan, out, model, module, wrapped, params, optimizer, scheduler, tokenizer,
+                   layout_options, fluid_config, attn_kind, autocast, stop)
+
+    def step(self, step: Step) -> dict[str, Any]:
+        """``grad_accum`` micro-batches, one token-mean loss over the global batch, one update."""
+        opts, env = self.opts, self.env
+        micro = [step.indices[m * opts.batch_size:(m + 1) * opts.batch_size] for m in range(opts.grad_accum)]
+        pad_multiple = 128 if self.attn_kind == "flex" else 1
+        batches = [collate(make_layouts(self.plan.examples, ix, self.layout_options, seed=opts.seed, epoch=step.epoch),
+                           self.tokenizer.pad_token_id, pad_multiple).to(env.device) for ix in micro]
+        local_count = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
         global_count = float(env.all_sum(torch.tensor([local_count], dtype=torch.float64, device=env.device)).item())
         sums = torch.zeros(5, dtype=torch.float64, device=env.device)
         for m, batch in enumerate(batches):
             sync = m == len(batches) - 1
-            with _no_sync(wrapped, opts.fsdp, sync), autocast:
-                mask = build_attention_mask(batch, attn_kind)
-                s_ar, s_diff, n_ar, n_diff = wrapped(batch.input_ids, batch.position_ids, mask, batch.labels,
-                                                     batch.is_mask)
+            with _no_sync(self.wrapped, opts.fsdp, sync), self.autocast:
+                mask = build_attention_mask(batch, self.attn_kind)
+                s_ar, s_diff, n_ar, n_diff = self.wrapped(batch.input_ids, batch.position_ids, mask, batch.labels,
+                                                          batch.is_mask)
                 loss = (opts.ar_weight * s_ar + s_diff) * (env.world_size / global_count)
             loss.backward()
             sums += torch.stack([s_ar.detach().double(), s_diff.detach().double(), n_ar.double(), n_diff.double(),
                                  torch.tensor(batch.num_tokens, dtype=torch.float64, device=env.device)])
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, opts.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         sums = env.all_sum(sums).tolist()
-        seconds = time.perf_counter() - started
-        last = {"step": step + 1, "loss_ar": sums[0] / max(sums[2], 1), "loss_diff": sums[1] / max(sums[3], 1),
+        return {"step": step.index + 1, "loss_ar": sums[0] / max(sums[2], 1), "loss_diff": sums[1] / max(sums[3], 1),
                 "loss": (sums[0] + sums[1]) / max(sums[2] + sums[3], 1), "lr": lr,
-                "grad_norm": float(grad_norm), "tokens_per_s": sums[4] / seconds, "epoch": epoch}
-        if log:
-            log.write(last)
-        bar.update(1)
-        bar.set_postfix(loss_ar=f"{last['loss_ar']:.3f}", loss_diff=f"{last['loss_diff']:.3f}",
-                        lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
-        done = step + 1
+                "grad_norm": float(grad_norm), "tokens_per_s": sums[4] / step.elapsed(), "epoch": step.epoch,
+                "seconds": step.elapsed()}
+
+    def after_step(self, done: int, final: bool) -> dict[str, Any] | None:
+        """Evaluate if due (its record is returned, to be logged), then save if due: a
+        checkpoint of step N then always follows the evaluation of step N in the log."""
+        record = self.evaluate_if_due(done, final)
+        self.save_if_due(done, final)
+        return record
+
+    def evaluate_if_due(self, done: int, final: bool) -> dict[str, Any] | None:
+        """Held-out draft quality every ``--eval-every`` steps and after the last step of the run."""
+        every = self.opts.eval_every
+        if self.evaluator is None or not every or not (done % every == 0 or final):
+            return None
+        quality = self.evaluator(self.module)
+        self.last_eval = {"step": done, "eval": quality.record()}
+        return self.last_eval
+
+    def save_if_due(self, done: int, final: bool) -> None:
+        """A resumable checkpoint every ``--save-every`` steps and where the run stops early
+        (``--stop-at-step`` or ``--time-limit``)."""
+        opts, total = self.opts, self.plan.total
         periodic = opts.save_every and done % opts.save_every == 0 and done < total
-        if periodic or (done == stop and stop < total):
-            state = {"step": done, "options": {**_metadata(opts), "global_batch": global_batch}}
-            # LoRA step folders are also loadable FLUID checkpoints (small); full weights are not doubled
-            export = None if opts.full else (
-                lambda folder, weights: ckpt.export_fluid(folder, model, tokenizer, weights, fluid_config, full=False))
-            ckpt.save_training_state(out / ckpt.CHECKPOINTS / f"step-{done:07d}", env, module, optimizer,
-                                     scheduler, state, export=export)
-            if env.is_main:
-                ckpt.prune(out / ckpt.CHECKPOINTS, opts.keep_checkpoints)
-    bar.close()
-    if stop == total:
-        weights = ckpt.trainable_state(module)
-        if env.is_main:
-            tmp = ckpt.new_temp_dir(out / ".final")
-            ckpt.export_fluid(tmp, model, tokenizer, weights, fluid_config, full=opts.full)
-            ckpt.publish(tmp, out, last="fluid_config.json")
-        env.barrier()
-    return {"steps": stop, "total_steps": total, "last": last, "out": str(out), "examples": len(examples),
-            "rank": env.rank}
+        if not (periodic or (final and done < total)):
+            return
+        state = {"step": done, "options": {**_metadata(opts), "global_batch": self.plan.global_batch}}
+        # LoRA step folders are also loadable FLUID checkpoints (small); full weights are not doubled
+        export = None if opts.full else (
+            lambda folder, weights: ckpt.export_fluid(folder, self.model, self.tokenizer, weights, self.fluid_config,
+                                                      full=False))
+        ckpt.save_training_state(self.out / ckpt.CHECKPOINTS / f"step-{done:07d}", self.env, self.module,
+                                 self.optimizer, self.scheduler, state, export=export)
+        if self.env.is_main:
+            ckpt.prune(self.out / ckpt.CHECKPOINTS, opts.keep_checkpoints)
+
+    def export_final(self) -> None:
+        weights = ckpt.trainable_state(self.module)
+        if self.env.is_main:
+            tmp = ckpt.final_temp_dir(self.out)
+            ckpt.export_fluid(tmp, self.model, self.tokenizer, weights, self.fluid_config, full=self.opts.full)
+            ckpt.publish(tmp, self.out, last=CONFIG_FILENAME)
+        self.env.barrier()
+
+
+def _postfix(record: dict[str, Any]) -> dict[str, str]:
+    """What the progress bar shows: a step's losses, or an evaluation's offset-1 accuracy and run."""
+    if "eval" in record:
+        first = record["eval"]["accuracy"][0]
+        return {"acc1": "-" if first is None else f"{first:.2f}", "run": f"{record['eval']['mean_accepted_run']:.2f}"}
+    return {"loss_ar": f"{record['loss_ar']:.3f}", "loss_diff": f"{record['loss_diff']:.3f}",
+            "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:.0f}"}
 
 
 def _metadata(opts: Stage1Options) -> dict[str, Any]:
     meta = asdict(opts)
     meta["base_model"] = base_reference(opts.base)
-    for name in ("resume", "stop_at_step", "progress", "device", "out"):
+    for name in ("resume", "stop_at_step", "time_limit", "eval_every", "eval_count", "progress", "device", "out"):
         meta.pop(name, None)
     return meta
 
@@ -282,27 +354,3 @@ def _no_sync(wrapped, fsdp: bool, sync: bool):
     if not sync and hasattr(wrapped, "no_sync"):
         return wrapped.no_sync()
     return contextlib.nullcontext()
-
-
-def _progress(total: int, initial: int, enabled: bool, desc: str = "stage1"):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
-
-
-class _TrainLog:
-    """``train_log.jsonl``: one line per step; on resume, lines past the resumed step are dropped."""
-
-    def __init__(self, path: Path, start: int):
-        self.path = path
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start]
-            from fluid_app.files import write_text_atomic
-
-            write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
