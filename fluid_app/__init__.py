@@ -5,8 +5,8 @@ elastic sampler and its events. Nothing here imports torch or mlx; see ``backend
 """
 
 from .api import FluidModel, Generation, load
-from .config import FluidConfig
 from .errors import FluidError
+from .fluid_config import FluidConfig
 
 __all__ = ["FluidConfig", "FluidError", "FluidModel", "Generation", "load"]
 __version__ = "0.1.0"

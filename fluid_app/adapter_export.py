@@ -14,12 +14,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_FILENAME, FluidConfig
-from .errors import FluidError
-from .files import atomic_folder
-from .sources import ADAPTER_CONFIG, K_HEAD_FILENAME, ModelSpec
+from .errors import FluidError, damaged
+from .files import atomic_folder, write_json_atomic
+from .fluid_config import CONFIG_FILENAME, FluidConfig
+from .model_refs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, K_HEAD_FILENAME, ModelSpec
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DTYPES = ("float32", "float16")
 
 
@@ -30,6 +29,9 @@ def export_adapter(spec: ModelSpec, out: str | Path, *, dtype: str = "float32", 
         raise FluidError(f"{spec.label} is not a FLUID checkpoint (no {CONFIG_FILENAME}); nothing to export")
     if dtype not in DTYPES:
         raise FluidError(f"--dtype {dtype} is not supported for an adapter export; use {' or '.join(DTYPES)}")
+    if spec.adapter is None and spec.fluid == spec.base:
+        raise FluidError(f"{spec.label} holds full (merged) weights, not a LoRA adapter; export it with merge "
+                         "to write a merged folder", "merge")
     config = FluidConfig.load(spec.fluid).with_overrides(**(overrides or {}))
     config.validate()
     with atomic_folder(out, force=force) as tmp:
@@ -37,7 +39,7 @@ def export_adapter(spec: ModelSpec, out: str | Path, *, dtype: str = "float32", 
             _copy_adapter_config(spec.adapter / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG, config.base_model)
             _copy_tensors(spec.adapter / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS, dtype)
         if spec.k_head_file is not None:
-            shutil.copyfile(spec.k_head_file, tmp / K_HEAD_FILENAME)
+            _copy_k_head(spec.k_head_file, tmp / K_HEAD_FILENAME)
         config.save(tmp)
     return Path(out).expanduser().resolve()
 
@@ -47,18 +49,40 @@ def _copy_adapter_config(source: Path, target: Path, base_model: str | None) -> 
     way ``fluid_config.json`` does (a package, Hub id or path the user's machine resolves)."""
     adapter_config = json.loads(source.read_text())
     adapter_config["base_model_name_or_path"] = base_model
-    target.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(target, adapter_config)
 
 
 def _copy_tensors(source: Path, target: Path, dtype: str) -> None:
     """Copy a safetensors file, casting floating tensors to ``dtype`` (metadata kept)."""
     import numpy as np
-    from safetensors import safe_open
     from safetensors.numpy import save_file
 
-    with safe_open(str(source), framework="numpy") as handle:
-        metadata = handle.metadata()
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    metadata, tensors = _read_tensors(source)
     cast = {name: t.astype(np.dtype(dtype)) if np.issubdtype(t.dtype, np.floating) else t
             for name, t in tensors.items()}
     save_file(cast, str(target), metadata=metadata)
+
+
+K_HEAD_KEYS = ("proj.weight", "proj.bias", "out.weight", "out.bias")
+
+
+def _copy_k_head(source: Path, target: Path) -> None:
+    """Copy the K-head byte for byte, once it has been read whole: a damaged or foreign file
+    is refused here instead of being shipped, to fail later wherever the export is loaded."""
+    _, tensors = _read_tensors(source)
+    missing = [k for k in K_HEAD_KEYS if k not in tensors]
+    if missing:
+        raise FluidError(f"{source} is not a FLUID K-head (no {', '.join(missing)}); re-export the checkpoint")
+    shutil.copyfile(source, target)
+
+
+def _read_tensors(source: Path) -> tuple[dict[str, str] | None, dict[str, Any]]:
+    """A safetensors file's metadata and tensors, or a one-line error if it is damaged
+    (truncated, empty or garbled: safetensors checks the header against the file size)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(source), framework="numpy") as handle:
+            return handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise damaged(source, exc) from None

@@ -7,14 +7,29 @@ trained with (its ``fluid_config.json``) and can be overridden per call.
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 from .errors import FluidError
 from .events import Event
+from .model_refs import ModelSpec, resolve_model
+from .protocol import Backend
 from .sampler import Decoder, DecodeSettings, RowResult
-from .sources import ModelSpec, resolve_model
+
+
+def check_prompt(prompt: Any) -> str:
+    """The one check of a text prompt, run before any model work: a non-empty string."""
+    if not isinstance(prompt, str):
+        raise FluidError(f"the prompt must be text (got {type(prompt).__name__})", "prompt")
+    if not prompt.strip():
+        raise FluidError("the prompt is empty; pass some text", "prompt")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes a terminal could not decode arrive as lone surrogates
+        raise FluidError("the prompt is not valid UTF-8 text; pass it in UTF-8", "prompt") from None
+    return prompt
 
 
 @dataclass
@@ -31,15 +46,35 @@ class Generation:
     blocks: list[dict[str, int]] = field(default_factory=list)
     mode: str = "fluid"
     finish_reason: str = ""
+    drafts: dict[str, dict[str, int]] = field(default_factory=dict)  # per source: proposed, accepted
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def _is_token_ids(value: Any) -> bool:
+    return (isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and len(value) > 0
+            and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in value))
+
+
+def prompt_batch(prompts: Any) -> tuple[list[str | list[int]], bool]:
+    """``(batch, single)`` from what ``generate`` accepts: a text, a list of token ids, or a
+    list of those; anything else is a one-line error before any model work."""
+    if isinstance(prompts, str):
+        return [prompts], True
+    if _is_token_ids(prompts):
+        return [list(prompts)], True
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) or _is_token_ids(p)
+                                                                for p in prompts):
+        return [p if isinstance(p, str) else list(p) for p in prompts], False
+    kind = "an empty list" if isinstance(prompts, (list, tuple)) and not prompts else type(prompts).__name__
+    raise FluidError(f"a prompt must be text or a list of token ids, or a list of those (got {kind})", "prompt")
+
+
 class FluidModel:
     """A loaded model plus its FLUID settings, on one backend."""
 
-    def __init__(self, backend: Any, spec: ModelSpec):
+    def __init__(self, backend: Backend, spec: ModelSpec):
         self.backend = backend
         self.spec = spec
         self.config = backend.fluid_config
@@ -51,12 +86,16 @@ class FluidModel:
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
         """Token ids of a prompt; ``chat`` wraps it as one user turn of the chat template."""
         if not isinstance(prompt, str):
-            return [int(t) for t in prompt]
-        if not prompt.strip():
-            raise FluidError("the prompt is empty; pass some text with --prompt")
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.backend.vocab_size]
+            if bad:
+                raise FluidError(f"token id {bad[0]} is outside the vocabulary (0..{self.backend.vocab_size - 1})",
+                                 "prompt")
+            return ids
+        check_prompt(prompt)
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
-                raise FluidError("this model's tokenizer has no chat template; drop --chat")
+                raise FluidError("this model's tokenizer has no chat template; decode without chat", "chat")
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
             )
@@ -66,27 +105,15 @@ class FluidModel:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    def settings(self, mode: str = "fluid", max_new_tokens: int = 128, threshold: float | None = None,
-                 k_min: int | None = None, k_max: int | None = None,
-                 prompt_lookup_num_tokens: int | None = None) -> DecodeSettings:
-        c = self.config
-        return DecodeSettings(
-            mode=mode,
-            max_new_tokens=max_new_tokens,
-            k_min=c.k_min if k_min is None else k_min,
-            k_max=c.k_max if k_max is None else k_max,
-            threshold=c.threshold if threshold is None else threshold,
-            prompt_lookup_num_tokens=(c.prompt_lookup_num_tokens if prompt_lookup_num_tokens is None
-                                      else prompt_lookup_num_tokens),
-        ).validate()
+    def settings(self, mode: str = DecodeSettings.mode, max_new_tokens: int = DecodeSettings.max_new_tokens,
+                 **options: Any) -> DecodeSettings:
+        """Decoding settings: this checkpoint's FLUID defaults, then the given options."""
+        return DecodeSettings.from_config(self.config, mode=mode, max_new_tokens=max_new_tokens, **options)
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, chat: bool = False,
                  **options: Any) -> Generation | list[Generation]:
         """Decode one prompt (returns a Generation) or a batch (returns a list)."""
-        single = isinstance(prompts, str) or (
-            len(prompts) > 0 and isinstance(prompts[0], int)  # type: ignore[index]
-        )
-        batch = [prompts] if single else list(prompts)
+        batch, single = prompt_batch(prompts)
         decoder = Decoder(self.backend, [self.encode(p, chat) for p in batch], self.settings(**options))
         started = time.perf_counter()
         results = decoder.run()
@@ -98,7 +125,10 @@ class FluidModel:
     def stream(self, prompt: str | Sequence[int], *, chat: bool = False,
                **options: Any) -> Iterator[Event | Generation]:
         """Yield the sampler's events as they happen, then the final :class:`Generation`."""
-        decoder = Decoder(self.backend, [self.encode(prompt, chat)], self.settings(**options))
+        batch, single = prompt_batch(prompt)
+        if not single:
+            raise FluidError("stream takes one prompt; pass a text or a list of token ids", "prompt")
+        decoder = Decoder(self.backend, [self.encode(batch[0], chat)], self.settings(**options))
         yield from decoder.events()
         yield self._generation(decoder.results[0], decoder.settings.mode, None)
 
@@ -116,6 +146,8 @@ class FluidModel:
             blocks=list(result.blocks),
             mode=mode,
             finish_reason=result.finish_reason,
+            drafts={source: {"proposed": result.proposed[source], "accepted": result.accepted[source]}
+                    for source in result.proposed},
         )
 
 

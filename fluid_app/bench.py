@@ -12,31 +12,63 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from .api import FluidModel, Generation
-from .errors import FluidError
+from .data import check_text_file, text_lines
+from .errors import FluidError, first_line
 from .sampler import MODES
+from .warping import SamplingSettings
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a JSONL file with one ``{"prompt": ...}`` per line."""
+    """Prompts from a JSONL file with one ``{"prompt": ...}`` per line.
+
+    Every prompt is checked here, before any model loads, so that a bad line is reported
+    with its file and line number instead of failing minutes later inside decoding. Lines
+    are split on bytes (a JSON string may hold U+2028, which ``str.splitlines`` would cut
+    at) and decoded one by one, so a byte that is not UTF-8 is reported with its line; a
+    leading BOM is dropped.
+    """
     path = Path(path)
-    if not path.exists():
-        raise FluidError(f"prompts file {path} not found; pass a JSONL file with one {{\"prompt\": ...}} per line")
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            prompt = record["prompt"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise FluidError(f"{path}:{number} is not a JSON object with a \"prompt\" key") from None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise FluidError(f"{path}:{number} has an empty prompt")
-        prompts.append(prompt)
+    fix = 'pass a JSONL file with one {"prompt": ...} per line'
+    check_text_file(path, "prompts file", fix, "prompts")
+    try:
+        prompts = [_prompt(path, number, line) for number, line in text_lines(path, "prompts")]
+    except OSError as exc:
+        raise FluidError(f"cannot read {path} ({exc.strerror or first_line(exc)}); check the file", "prompts") from None
     if not prompts:
-        raise FluidError(f"{path} holds no prompts")
+        raise FluidError(f"{path} holds no prompts; write one {{\"prompt\": ...}} per line", "prompts")
     return prompts
+
+
+JSON_TYPES = {bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object",
+              type(None): "null"}
+
+
+def _prompt(path: Path, number: int, line: str) -> str:
+    """The prompt of one JSONL line, or a one-line error naming the file and line."""
+    where = f"{path}:{number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise FluidError(f"{where} is not valid JSON ({exc.msg}); write one {{\"prompt\": ...}} object per line",
+                         "prompts") from None
+    if not isinstance(record, dict) or "prompt" not in record:
+        raise FluidError(f"{where} is not a JSON object with a \"prompt\" key; write {{\"prompt\": \"...\"}}",
+                         "prompts")
+    prompt = record["prompt"]
+    if not isinstance(prompt, str):
+        raise FluidError(f"{where}: the prompt is not text (got {JSON_TYPES.get(type(prompt), 'something else')}); "
+                         "write it as a JSON string", "prompts")
+    if not prompt.strip():
+        raise FluidError(f"{where} has an empty prompt; write some text or remove that line", "prompts")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+        raise FluidError(f"{where}: the prompt is not valid UTF-8 text (a lone surrogate escape); fix that line",
+                         "prompts") from None
+    return prompt
 
 
 @dataclass
@@ -69,19 +101,25 @@ def check_horizons(horizons: Sequence[str]) -> list[str]:
 
 
 def bench_runs(model: FluidModel, modes: Sequence[str], horizons: Sequence[str],
-               options: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+               options: dict[str, Any], compare_drafts: bool = False) -> dict[str, tuple[str, dict[str, Any]]]:
     """Name -> (mode, decode options) of every run of a bench.
 
     ``horizons`` adds FLUID runs with the block size pinned at ``k_max`` or ``k_min`` (the
-    K-head ignored), the ablation that shows what the K-head's choice is worth.
+    K-head ignored), the ablation that shows what the K-head's choice is worth. When
+    sampling, ``reference`` (greedy only) is left out, and ``compare_drafts`` adds a FLUID run
+    whose mask drafts are their argmax (point masses) instead of draws from their distribution.
     """
     horizons = check_horizons(horizons or ("k-head",))
     settings = model.settings(**{k: v for k, v in options.items() if k != "max_new_tokens"})
     runs: dict[str, tuple[str, dict[str, Any]]] = {}
     for mode in modes:
+        if mode == "reference" and settings.sampling is not None:
+            continue
         if mode != "fluid":
             runs[mode] = (mode, dict(options))
             continue
+        if compare_drafts and settings.sampling is not None:
+            runs["fluid argmax drafts"] = ("fluid", {**options, "sample_drafts": not settings.sample_drafts})
         for horizon in horizons:
             if horizon == "k-head":
                 runs["fluid"] = ("fluid", dict(options))
@@ -92,10 +130,16 @@ def bench_runs(model: FluidModel, modes: Sequence[str], horizons: Sequence[str],
 
 
 def run_bench(model: FluidModel, prompts: Sequence[str], *, chat: bool = False,
-              modes: Sequence[str] = MODES, horizons: Sequence[str] = ("k-head",),
+              modes: Sequence[str] = MODES, horizons: Sequence[str] = ("k-head",), compare_drafts: bool = False,
               **options: Any) -> dict[str, Any]:
-    """Run every mode (and horizon policy) on every prompt; return totals and the comparisons."""
-    runs = bench_runs(model, modes, horizons, options)
+    """Run every mode (and horizon policy) on every prompt; return totals and the comparisons.
+
+    Greedy runs are compared token for token (``identical``). Sampled runs cannot be: their
+    ``distribution_check`` compares what FLUID and AR sampled instead (see
+    :func:`distribution_check`).
+    """
+    runs = bench_runs(model, modes, horizons, options, compare_drafts)
+    sampling = model.settings(**{k: v for k, v in options.items() if k != "max_new_tokens"}).sampling
     for mode, run_options in runs.values():  # warm-up: first calls pay for allocation and kernel selection
         model.generate(prompts[0], chat=chat, mode=mode, **{**run_options, "max_new_tokens": 8})
     totals = {name: ModeTotals() for name in runs}
@@ -111,20 +155,80 @@ def run_bench(model: FluidModel, prompts: Sequence[str], *, chat: bool = False,
     tps = {m: report["modes"][m]["tokens_per_s"] for m in runs}
     if "fluid" in totals and "ar" in totals:
         report["speedup"] = round(tps["fluid"] / tps["ar"], 3) if tps["ar"] else 0.0
-        report["mismatches"] = _mismatches(totals["fluid"], totals["ar"])
-        report["identical"] = report["mismatches"] == 0
+        if sampling is None:
+            report["mismatches"] = _mismatches(totals["fluid"], totals["ar"])
+            report["identical"] = report["mismatches"] == 0
+        else:
+            prompt_ids = [model.encode(p, chat) for p in prompts]
+            report["sampling"] = {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                                  "top_k": sampling.top_k, "seed": sampling.seed}
+            report["distribution_check"] = distribution_check(model, prompt_ids, totals["ar"].outputs,
+                                                              totals["fluid"].outputs, sampling)
+    report["drafts"] = {name: _draft_rates(t.outputs) for name, t in totals.items() if runs[name][0] == "fluid"}
     if "fluid" in totals and "reference" in totals:
         report["speedup_vs_reference"] = round(tps["fluid"] / tps["reference"], 3) if tps["reference"] else 0.0
     if "reference" in totals and "ar" in totals:
         report["reference_mismatches"] = _mismatches(totals["reference"], totals["ar"])
     fixed = [name for name in runs if name.startswith("fluid k=")]
+    fixed += [name for name in runs if name == "fluid argmax drafts"]
     if fixed and "ar" in totals:
         report["fixed_horizons"] = {
             name: {"speedup": round(tps[name] / tps["ar"], 3) if tps["ar"] else 0.0,
-                   "mismatches": _mismatches(totals[name], totals["ar"])} for name in fixed}
+                   **({"mismatches": _mismatches(totals[name], totals["ar"])} if sampling is None else {})}
+            for name in fixed}
     report["per_prompt_tpf"] = {m: [o.tokens_per_forward for o in t.outputs] for m, t in totals.items()}
+    report["outputs"] = {m: [{"token_ids": o.token_ids, "forwards": o.forwards} for o in t.outputs]
+                         for m, t in totals.items()}  # what a before/after comparison of a change needs
     report["horizons"] = {m: [b["k"] for o in t.outputs for b in o.blocks] for m, t in totals.items()}
     return report
+
+
+def _draft_rates(outputs: Sequence[Generation]) -> dict[str, dict[str, float]]:
+    """Drafts fed and accepted, per source (mask, lookup), over a run."""
+    rates = {}
+    for source in ("mask", "lookup"):
+        proposed = sum(o.drafts.get(source, {}).get("proposed", 0) for o in outputs)
+        accepted = sum(o.drafts.get(source, {}).get("accepted", 0) for o in outputs)
+        rates[source] = {"proposed": proposed, "accepted": accepted,
+                         "rate": round(accepted / proposed, 4) if proposed else 0.0}
+    return rates
+
+
+def sampled_log_probs(model: FluidModel, prompt_ids: Sequence[int], token_ids: Sequence[int],
+                      sampling: SamplingSettings) -> np.ndarray:
+    """Log-probability of each sampled token under the distribution it was sampled from
+    (the model's warped ``p``), by one teacher-forced forward through the backend protocol."""
+    if not token_ids:
+        return np.zeros(0)
+    session, first = model.backend.start([list(prompt_ids)], logits=True)
+    logits = first.logits[0]
+    if len(token_ids) > 1:
+        logits = np.concatenate([logits, session.forward(np.array([list(token_ids[:-1])])).logits[0]])
+    p = sampling.warp(logits)
+    return np.log(np.maximum(p[np.arange(len(token_ids)), list(token_ids)], 1e-300))
+
+
+def distribution_check(model: FluidModel, prompt_ids: Sequence[Sequence[int]], ar: Sequence[Generation],
+                       fluid: Sequence[Generation], sampling: SamplingSettings) -> dict[str, Any]:
+    """A check a sampled bench can afford that FLUID samples what AR samples (not a proof).
+
+    Per prompt, the mean log-probability of the sampled tokens under the warped target; the
+    same sampling distribution gives the same expectation, so the per-prompt differences
+    (FLUID minus AR) should average to zero. A paired t statistic beyond 3.29 (two-sided
+    p < 0.001) flags a biased sampler, for example one drifting toward the argmax. The exact
+    proof is the enumeration test in ``tests/test_sampling.py``.
+    """
+    diffs = []
+    for ids, a, f in zip(prompt_ids, ar, fluid):
+        la, lf = (sampled_log_probs(model, ids, g.token_ids, sampling) for g in (a, f))
+        if len(la) and len(lf):
+            diffs.append(float(lf.mean() - la.mean()))
+    d = np.array(diffs)
+    spread = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+    t = float(d.mean() / (spread / np.sqrt(len(d)))) if spread > 0 else 0.0
+    return {"test": "paired t-test of per-prompt mean sampled log-prob, fluid minus ar",
+            "prompts": len(d), "mean_difference": round(float(d.mean()) if len(d) else 0.0, 4),
+            "t": round(t, 3), "consistent": abs(t) < 3.29}
 
 
 def _mismatches(a: ModeTotals, b: ModeTotals) -> int:
@@ -147,4 +251,11 @@ def format_table(report: dict[str, Any]) -> str:
               if key in report]
     extras += [f"speedup[{name}]={v['speedup']}" for name, v in report.get("fixed_horizons", {}).items()]
     lines.append(", ".join(extras))
+    for name, rates in report.get("drafts", {}).items():
+        lines.append(f"drafts accepted [{name}]: " + ", ".join(
+            f"{source} {r['accepted']}/{r['proposed']} ({r['rate']:.1%})" for source, r in rates.items()))
+    if "distribution_check" in report:
+        check = report["distribution_check"]
+        lines.append(f"sampled {report['sampling']}; distribution check ({check['test']}): t={check['t']}, "
+                     f"consistent={check['consistent']}")
     return "\n".join(lines)

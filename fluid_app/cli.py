@@ -10,17 +10,23 @@ import os
 import sys
 from typing import Sequence
 
-from .errors import FluidError
+from .errors import FluidError, phrase
 
 # Subcommand modules, in the order ``fluid --help`` lists them.
 COMMAND_MODULES = ["generate", "bench", "eval_ppl", "distill", "train", "demo", "export", "convert", "pull", "push",
                    "import_reference"]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error style: one ``error:`` line (naming where help is), exit 2."""
+
+    def error(self, message: str) -> None:
+        print(f"error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fluid", description="FLUID: lossless parallel decoding for GPT-style models."
-    )
+    parser = Parser(prog="fluid", description="FLUID: lossless parallel decoding for GPT-style models.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"fluid_app.commands.{name}").register(subparsers)
@@ -28,19 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .config_file import expand_config
+    from .option_files import expand_config
 
     parser = build_parser()
     try:
         argv = expand_config(sys.argv[1:] if argv is None else argv)
     except FluidError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {phrase(exc)}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except FluidError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except FluidError as exc:  # the library's words, with the flags to change
+        print(f"error: {phrase(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

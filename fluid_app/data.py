@@ -18,13 +18,14 @@ Examples are ``(input_ids, labels)`` with ``labels`` = the token id on assistant
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .errors import FluidError
+from .errors import FluidError, first_line
 from .layout import IGNORE_INDEX
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
@@ -59,7 +60,9 @@ def iter_json_array(path: str | os.PathLike, chunk_size: int = _CHUNK) -> Iterat
     of the file (the cut one) is dropped.
     """
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as handle:
+    text = codecs.getincrementaldecoder("utf-8-sig")()  # a leading BOM is not content
+    line = 1  # of the first byte not yet decoded, to name the line of a bad byte
+    with open(path, "rb") as handle:
         buffer = ""
         eof = False
         started = False
@@ -71,7 +74,8 @@ def iter_json_array(path: str | os.PathLike, chunk_size: int = _CHUNK) -> Iterat
                     pos += 1
                 if not started and pos < len(buffer):
                     if buffer[pos] != "[":
-                        raise FluidError(f"{path} is not a JSON array; pass a ShareGPT JSON list or a .jsonl file")
+                        raise FluidError(f"{path} is not a JSON array; pass a ShareGPT JSON list or a .jsonl file",
+                                         "data")
                     started = True
                     pos += 1
                     continue
@@ -85,24 +89,65 @@ def iter_json_array(path: str | os.PathLike, chunk_size: int = _CHUNK) -> Iterat
             except ValueError:
                 if eof:
                     return  # a record cut off by the end of the file
-                chunk = handle.read(chunk_size)
+                raw = handle.read(chunk_size)
+                try:  # never final: bytes of a character cut by the end of the file go with the cut record
+                    chunk = text.decode(raw)
+                except UnicodeDecodeError as exc:  # exc.object: the undecoded tail of the last read + raw
+                    raise not_utf8(path, line + exc.object[:exc.start].count(b"\n"), exc, "data") from None
+                line += raw.count(b"\n")
                 buffer = buffer[pos:] + chunk
                 pos = 0
-                eof = not chunk
+                eof = not raw
                 continue
             yield item
             pos = end
 
 
+def text_lines(path: str | os.PathLike, param: str) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of every non-empty line of a UTF-8 text file.
+
+    Lines are split on bytes and decoded one by one, so that a byte that is not UTF-8 is
+    reported with its line (and a leading BOM is dropped, as editors on Windows write one).
+    ``param`` names the option that gave the file, for the error.
+    """
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise not_utf8(path, number, exc, param) from None
+            if line.strip():
+                yield number, line
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[Any]:
     """Yield one JSON value per non-empty line, naming the line of a bad one."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise FluidError(f"{path}:{number} is not valid JSON ({exc.msg}); fix or remove that line") from None
+    for number, line in text_lines(path, "data"):
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FluidError(f"{path}:{number} is not valid JSON ({exc.msg}); "
+                             "fix or remove that line", "data") from None
+
+
+def not_utf8(path: str | os.PathLike, line: int, exc: UnicodeDecodeError, param: str) -> FluidError:
+    """The one-line error for a text file that is not UTF-8, naming its first bad line and byte."""
+    byte = exc.object[exc.start:exc.start + 1].hex()
+    return FluidError(f"{path} is not UTF-8 text (line {line} has the byte 0x{byte}); save it as UTF-8", param)
+
+
+def check_text_file(path: Path, what: str, fix: str, param: str) -> None:
+    """Refuse a path that is missing, a folder, or not a regular file, before it is opened.
+
+    Why the last: opening a named pipe with no writer waits forever, and a device is not a
+    file anyone meant to pass; a one-line error is better than a hang.
+    """
+    if not path.exists():
+        raise FluidError(f"{what} {path} not found; {fix}", param)
+    if path.is_dir():
+        raise FluidError(f"{path} is a folder; {fix}", param)
+    if not path.is_file():
+        raise FluidError(f"{path} is not a regular file (a pipe or a device); {fix}", param)
 
 
 def to_messages(record: Any) -> list[Message] | None:
@@ -130,21 +175,21 @@ def iter_records(source: str) -> Iterator[Any]:
         yield from _iter_hf_dataset(source)
         return
     if source.startswith("package:"):
-        from .sources import _package_file
+        from .model_refs import _package_file
 
         path = _package_file(source)
     else:
         path = Path(source).expanduser()
-    if not path.exists():
-        raise FluidError(f"data file {path} not found; pass an existing .jsonl/.json file or hf:<dataset>")
-    if path.is_dir():
-        raise FluidError(f"{path} is a folder; pass a .jsonl or ShareGPT .json file, or hf:<dataset>")
-    with open(path, encoding="utf-8") as handle:
-        head = handle.read(4096).lstrip()
-    if head.startswith("["):
-        yield from iter_json_array(path)
-    else:
-        yield from iter_jsonl(path)
+    check_text_file(path, "data file", "pass an existing .jsonl or ShareGPT .json file, or hf:<dataset>", "data")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
+        if head.startswith(b"["):
+            yield from iter_json_array(path)
+        else:
+            yield from iter_jsonl(path)
+    except OSError as exc:  # unreadable (permissions, I/O error): say so, not a traceback
+        raise FluidError(f"cannot read {path} ({exc.strerror or first_line(exc)}); check the file", "data") from None
 
 
 def _iter_hf_dataset(source: str) -> Iterator[Any]:

@@ -1,12 +1,14 @@
 """Events the sampler emits while it decodes, for streaming UIs and analysis.
 
-All events carry the batch ``row`` they belong to. A consumer that only wants text can
+All events carry the batch ``row`` they belong to and ``forwards``: the decoding forwards
+that row has spent so far (as counted in :attr:`fluid_app.sampler.RowResult.forwards`), so a
+consumer never re-derives costs from event types. A consumer that only wants text can
 watch :class:`Commit`; the demo draws every :class:`Draft` as a row of slots.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -14,6 +16,7 @@ class BlockStart:
     row: int
     k: int  # horizon of the block (chosen by the K-head, or k_max without one)
     position: int  # number of new tokens committed before this block
+    forwards: int
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,8 @@ class Draft:
     iteration: int
     slots: list[int | None]
     confidences: list[float]
-    decided: list[bool] = field(default_factory=list)
+    decided: list[bool]
+    forwards: int
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Verify:
     row: int
     accepted: int  # drafted slots that matched the causal argmax
     correction: int | None  # causal token that replaced the first mismatch, if any
+    forwards: int
 
 
 @dataclass(frozen=True)
@@ -41,12 +46,14 @@ class Commit:
     row: int
     tokens: list[int]  # newly committed token ids (exactly greedy AR tokens)
     total: int  # new tokens committed so far in this row
+    forwards: int
 
 
 @dataclass(frozen=True)
 class Finished:
     row: int
     reason: str  # "eos" or "length"
+    forwards: int
 
 
 Event = BlockStart | Draft | Verify | Commit | Finished

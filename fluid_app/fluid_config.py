@@ -2,12 +2,15 @@
 
 One object travels from training to inference inside ``fluid_config.json`` so that a
 checkpoint always decodes with the mask token and horizons it was trained for.
-Defaults follow the authors' recipe (FLUID_METHOD.md sections 3-5).
+Defaults follow the authors' recipe (FLUID_METHOD.md sections 3-5). This dataclass is the
+only place those defaults are written: training options, CLI flags, the demo's controls and
+:class:`fluid_app.sampler.DecodeSettings` all read them from here.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -36,24 +39,22 @@ class FluidConfig:
     base_model: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self, vocab_size: int | None = None) -> "FluidConfig":
+    def validate(self, vocab_size: int | None = None) -> FluidConfig:
         """Raise a one-line :class:`FluidError` for settings that cannot work."""
-        check_horizons_and_threshold(self.k_min, self.k_max, self.threshold)
-        if not 0.0 <= self.anchor_rate <= 1.0 or not 0.0 <= self.noise_rate <= 1.0:
-            raise FluidError("anchor_rate and noise_rate are probabilities; use values in [0, 1]")
-        if self.prompt_lookup_num_tokens < 0:
-            raise FluidError(f"prompt_lookup_num_tokens must be 0 (off) or more (got {self.prompt_lookup_num_tokens})")
-        if self.sigma <= 0:
-            raise FluidError(f"sigma must be positive (got {self.sigma}); the authors use 1.5")
-        if vocab_size is not None and self.mask_token_id is not None:
-            if not 0 <= self.mask_token_id < vocab_size:
-                raise FluidError(
-                    f"mask token id {self.mask_token_id} is outside the vocabulary (0..{vocab_size - 1});"
-                    " pick an id inside it or leave it unset to choose one automatically"
-                )
+        check_decoding(self.k_min, self.k_max, self.threshold, self.prompt_lookup_num_tokens)
+        for name in ("anchor_rate", "noise_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise FluidError(f"{name} is a probability (got {getattr(self, name)}); use a value in [0, 1]", name)
+        for name in ("sigma", "tau"):
+            if not getattr(self, name) > 0:
+                raise FluidError(f"{name} must be positive (got {getattr(self, name)}); the authors use "
+                                 f"{getattr(FluidConfig, name)}", name)
+        if vocab_size is not None and self.mask_token_id is not None and not 0 <= self.mask_token_id < vocab_size:
+            raise FluidError(f"mask token id {self.mask_token_id} is outside the vocabulary (0..{vocab_size - 1}); "
+                             "pick an id inside it or leave it unset to choose one automatically", "mask_token_id")
         return self
 
-    def with_overrides(self, **overrides: Any) -> "FluidConfig":
+    def with_overrides(self, **overrides: Any) -> FluidConfig:
         """Return a copy with the non-None overrides applied (CLI flags, UI controls)."""
         known = {f.name for f in fields(self)}
         unknown = set(overrides) - known
@@ -65,12 +66,18 @@ class FluidConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FluidConfig":
-        """Read a config, keeping keys this version does not know under ``extra``."""
-        known = {f.name for f in fields(cls)}
-        extra = dict(data.get("extra", {}))
-        extra.update({k: v for k, v in data.items() if k not in known})
-        kwargs = {k: v for k, v in data.items() if k in known and k != "extra"}
+    def from_dict(cls, data: Any, source: str = "the FLUID config") -> FluidConfig:
+        """Read a config, checking each value's type; keys this version does not know are
+        kept under ``extra``. A wrong type is reported here, at load, not mid-decode."""
+        if not isinstance(data, dict):
+            raise FluidError(f"{source} must hold one JSON object, not {type(data).__name__}; re-export the checkpoint")
+        known = {f.name: f for f in fields(cls)}
+        extra = data.get("extra", {})
+        if not isinstance(extra, dict):
+            raise FluidError(f"{source}: extra must be an object (got {type(extra).__name__}); "
+                             "re-export the checkpoint", "extra")
+        extra = {**extra, **{k: v for k, v in data.items() if k not in known}}
+        kwargs = {k: _checked(k, v, source) for k, v in data.items() if k in known and k != "extra"}
         return cls(**kwargs, extra=extra)
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -80,21 +87,57 @@ class FluidConfig:
         return path
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "FluidConfig":
+    def load(cls, directory: str | os.PathLike) -> FluidConfig:
         path = Path(directory) / CONFIG_FILENAME
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FluidError(f"{path} not found; is {directory} a FLUID checkpoint?") from None
-        except json.JSONDecodeError as exc:
-            raise FluidError(f"{path} is not valid JSON ({exc.msg}); re-export the checkpoint") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+            raise FluidError(f"{path} is not valid JSON ({reason}); re-export the checkpoint") from None
+        except OSError as exc:
+            raise FluidError(f"cannot read {path} ({exc.strerror}); check the checkpoint folder") from None
+        return cls.from_dict(data, str(path))
 
 
-def check_horizons_and_threshold(k_min: int, k_max: int, threshold: float) -> None:
-    """The decoding knobs every entry point shares; one-line errors naming the flag to fix."""
+# What each field may hold in fluid_config.json (None: also null).
+_TYPES: dict[str, tuple[str, bool]] = {
+    "mask_token_id": ("int", True), "k_min": ("int", False), "k_max": ("int", False),
+    "threshold": ("float", False), "prompt_lookup_num_tokens": ("int", False), "tau": ("float", False),
+    "sigma": ("float", False), "anchor_rate": ("float", False), "noise_rate": ("float", False),
+    "restore": ("bool", False), "base_model": ("str", True),
+}
+
+
+def _checked(name: str, value: Any, source: str) -> Any:
+    kind, nullable = _TYPES[name]
+    if value is None and nullable:
+        return None
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+          "bool": isinstance(value, bool), "str": isinstance(value, str)}[kind]
+    if not ok:
+        wanted = {"int": "a whole number", "float": "a finite number", "bool": "true or false", "str": "a string"}[kind]
+        raise FluidError(f"{source}: {name} must be {wanted}{' or null' if nullable else ''} (got {value!r}); "
+                         "fix the file or re-export the checkpoint", name)
+    return float(value) if kind == "float" else value
+
+
+def check_decoding(k_min: int, k_max: int, threshold: float, prompt_lookup_num_tokens: int = 0) -> None:
+    """The decoding knobs every entry point shares, checked in one place (one-line errors)."""
     if k_min < 1:
-        raise FluidError(f"k_min must be at least 1 (got {k_min}); pass --k-min 1 or more")
+        raise FluidError(f"k_min must be at least 1 (got {k_min})", "k_min")
     if k_min > k_max:
-        raise FluidError(f"k_min ({k_min}) is larger than k_max ({k_max}); pass --k-min <= --k-max")
+        raise FluidError(f"k_min ({k_min}) is larger than k_max ({k_max}); make k_min at most k_max", "k_min", "k_max")
     if not 0.0 < threshold <= 1.0:
-        raise FluidError(f"threshold must be in (0, 1] (got {threshold}); pass e.g. --threshold 0.9")
+        raise FluidError(f"threshold must be in (0, 1] (got {threshold}); e.g. 0.9", "threshold")
+    if prompt_lookup_num_tokens < 0:
+        raise FluidError(f"prompt_lookup_num_tokens must be 0 (off) or more (got {prompt_lookup_num_tokens})",
+                         "prompt_lookup_num_tokens")
+
+
+def is_confident(confidence: float, threshold: float) -> bool:
+    """The one confidence rule of both FLUID samplers: a draft whose probability reaches the
+    threshold fixes its slot."""
+    return confidence >= threshold

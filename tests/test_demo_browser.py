@@ -49,12 +49,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    """``python app.py`` on a tiny Llama, as a user starts it."""
+    """``python app.py`` on a tiny Llama (and a tiny GPT-2 to pick), as a user starts it."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False")
     proc = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_model_dir("llama")), "--backend",
-                             "torch", "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             "torch", "--port", str(port), "--allow-model", str(tiny_model_dir("gpt2"))],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
     while True:
@@ -88,8 +88,8 @@ def page(browser, server):
     page.close()
 
 
-def set_number(page, elem_id: str, value: int) -> None:
-    """Type into a Gradio slider's number box (what a user does to set an exact value)."""
+def set_number(page, elem_id: str, value: float) -> None:
+    """Type into a Gradio slider's (or number field's) number box, as a user sets an exact value."""
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
@@ -129,14 +129,43 @@ def test_live_view_streams_block_states_then_replays(page, tmp_path):
                            timeout=30_000)
 
 
+def test_sampled_decode_streams_and_repeats_the_library(page, tiny_model_dir):
+    """Temperature 0.8 and seed 7 set in the settings, as a user would: the slots move while
+    it decodes, and the text is the library's sampled decode with that seed."""
+    import fluid_app
+
+    page.locator("#fluid-prompt textarea").fill("Once upon a time")
+    set_number(page, "fluid-max-new", 10)
+    set_number(page, "fluid-slow", 100)
+    page.get_by_text("Model and sampler settings").click()
+    page.locator("#fluid-temperature input[type=number]").wait_for(timeout=30_000)
+    set_number(page, "fluid-temperature", 0.8)
+    set_number(page, "fluid-top-p", 0.9)
+    set_number(page, "fluid-seed", 7)
+    page.evaluate(OBSERVE)
+    page.click("#fluid-generate")
+    page.wait_for_function("() => document.querySelector('#fluid-status textarea').value.startsWith('done')",
+                           timeout=120_000)
+    states = page.evaluate("() => window.__live")
+    intermediate = [s for s in states[:-1] if "fluid-slot" in s]
+    assert len(set(intermediate)) >= 2, states
+    assert "finished" in states[-1]
+    assert "temperature 0.8, top-p 0.9, seed 7" in status(page), status(page)
+    text = page.locator("#fluid-text textarea").input_value()
+    model = fluid_app.load(str(tiny_model_dir("llama")), backend="torch", device="cpu")
+    expected = model.generate("Once upon a time", chat=True, max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7)
+    assert text.strip() != "" and text == expected.text, (text, expected.text)
+    assert text != model.generate("Once upon a time", chat=True, max_new_tokens=10).text  # not greedy
+
+
 def test_empty_prompt_shows_a_readable_error(page):
     page.locator("#fluid-prompt textarea").fill("")
     page.click("#fluid-generate")
     page.wait_for_function(
         "() => document.querySelector('#fluid-status textarea').value.includes('the prompt is empty')",
         timeout=60_000)
-    assert status(page) == "error: the prompt is empty; type something in the Prompt box"
-    toast = page.get_by_text("the prompt is empty; type something in the Prompt box").first
+    assert status(page) == "error: the prompt is empty; pass some text (the Prompt box)"
+    toast = page.get_by_text("the prompt is empty; pass some text (the Prompt box)").first
     toast.wait_for(timeout=10_000)
     assert "Traceback" not in page.content()
 
@@ -156,3 +185,18 @@ def test_stop_cancels_generation_promptly(page):
     time.sleep(2.0)  # at 200 ms per update a running decode would add ~10 states here
     assert page.evaluate("() => window.__live.length") == settled
     assert not status(page).startswith("done")
+
+
+def test_model_list_offers_the_served_models_and_takes_no_typing(page, tiny_model_dir):
+    page.get_by_text("Model and sampler settings").click()
+    box = page.locator("#fluid-model input")
+    box.wait_for(timeout=30_000)
+    assert box.input_value() == str(tiny_model_dir("llama"))
+    assert box.get_attribute("readonly") is not None
+    box.click()
+    options = page.locator("[role=option]")
+    options.first.wait_for(timeout=10_000)
+    shown = [text.replace("✓", "").strip() for text in options.all_inner_texts()]
+    assert shown == [str(tiny_model_dir("llama")), str(tiny_model_dir("gpt2"))]
+    box.press_sequentially("/etc/passwd")
+    assert box.input_value() == str(tiny_model_dir("llama"))

@@ -6,7 +6,16 @@ import pytest
 
 from fluid_app.events import BlockStart, Commit, Draft, Finished, Verify
 from fluid_app.sampler import MODES
-from fluid_app.ui.render import SLOT_STATES, LiveView, legend_html, plot_data, slots_html, token_label
+from fluid_app.ui.render import (
+    SLOT_STATES,
+    LiveView,
+    legend_html,
+    plot_data,
+    race_summary,
+    sampling_text,
+    slots_html,
+    token_label,
+)
 
 
 def states(view: LiveView) -> list[str]:
@@ -15,28 +24,28 @@ def states(view: LiveView) -> list[str]:
 
 def test_fluid_window_states_follow_verification():
     view = LiveView("fluid")
-    view.feed(Commit(0, [10], 1))  # from the prefill: no forward counted
-    view.feed(BlockStart(0, 4, 1))
+    view.feed(Commit(0, [10], 1, 0))  # from the prefill: no forward counted
+    view.feed(BlockStart(0, 4, 1, 0))
     assert states(view) == ["exact", "mask", "mask", "mask"] and view.slots[0].token == 10
-    view.feed(Verify(0, 0, None))
-    view.feed(Commit(0, [11], 2))
+    view.feed(Verify(0, 0, None, 1))
+    view.feed(Commit(0, [11], 2, 1))
     assert states(view) == ["exact", "exact", "mask", "mask"] and view.slots[1].token == 11
 
-    view.feed(BlockStart(0, 4, 2))
-    view.feed(Draft(0, 0, [11, 12, 13, None], [1.0, 0.95, 0.5, 0.1], [True, True, True, False]))
+    view.feed(BlockStart(0, 4, 2, 1))
+    view.feed(Draft(0, 0, [11, 12, 13, None], [1.0, 0.95, 0.5, 0.1], [True, True, True, False], 1))
     assert states(view) == ["exact", "draft", "draft", "mask"]
-    view.feed(Verify(0, 1, 99))
+    view.feed(Verify(0, 1, 99, 2))
     assert states(view) == ["exact", "accepted", "corrected", "mask"]
     assert (view.slots[2].token, view.slots[2].replaced) == (99, 13)
-    view.feed(Commit(0, [12, 99], 4))
+    view.feed(Commit(0, [12, 99], 4, 2))
     assert states(view) == ["exact", "accepted", "corrected", "mask"]
 
-    view.feed(BlockStart(0, 4, 4))
-    view.feed(Draft(0, 0, [99, 1, 2, 3], [1.0, 0.9, 0.9, 0.9], [True] * 4))
-    view.feed(Verify(0, 3, None))
-    view.feed(Commit(0, [1, 2, 3, 7], 8))
+    view.feed(BlockStart(0, 4, 4, 2))
+    view.feed(Draft(0, 0, [99, 1, 2, 3], [1.0, 0.9, 0.9, 0.9], [True] * 4, 2))
+    view.feed(Verify(0, 3, None, 3))
+    view.feed(Commit(0, [1, 2, 3, 7], 8, 3))
     assert states(view) == ["exact", "accepted", "accepted", "accepted", "bonus"]
-    view.feed(Finished(0, "length"))
+    view.feed(Finished(0, "length", 3))
 
     assert view.committed == [10, 11, 12, 99, 1, 2, 3, 7]
     assert view.forwards == 3 and view.horizons == [4, 4, 4] and view.finish_reason == "length"
@@ -45,22 +54,22 @@ def test_fluid_window_states_follow_verification():
     assert view.frames[-1].finished and view.frames[-1].committed == 8
 
 
-def test_reference_counts_drafts_verify_and_recommit_forwards():
+def test_the_view_shows_the_forward_counts_the_sampler_reports():
     view = LiveView("reference")
-    view.feed(BlockStart(0, 3, 0))
-    view.feed(Draft(0, 0, [5, None, None], [0.99, 0.2, 0.1], [True, False, False]))
-    view.feed(Draft(0, 1, [5, 6, 7], [0.99, 0.6, 0.5], [True] * 3))
-    view.feed(Verify(0, 1, 8))
+    view.feed(BlockStart(0, 3, 0, 0))
+    view.feed(Draft(0, 0, [5, None, None], [0.99, 0.2, 0.1], [True, False, False], 1))
+    view.feed(Draft(0, 1, [5, 6, 7], [0.99, 0.6, 0.5], [True] * 3, 2))
+    view.feed(Verify(0, 1, 8, 3))
     assert states(view) == ["accepted", "corrected", "discarded"]
-    view.feed(Commit(0, [5, 8], 2))
+    view.feed(Commit(0, [5, 8], 2, 3))
     assert view.forwards == 3
-    view.feed(BlockStart(0, 2, 2))  # the re-commit forward of the correction happened before it
+    view.feed(BlockStart(0, 2, 2, 4))  # the re-commit forward of the correction happened before it
     assert view.forwards == 4 and states(view) == ["mask", "mask"]
 
 
 def test_other_rows_are_ignored():
     view = LiveView("fluid")
-    assert not view.feed(Commit(1, [3], 1))
+    assert not view.feed(Commit(1, [3], 1, 0))
     assert view.committed == [] and view.frames == []
 
 
@@ -87,11 +96,51 @@ def test_view_of_a_real_decode_matches_the_generation(tiny_model_dir, mode):
     assert "fluid-slot" in html and "<script" not in html
 
 
+def test_view_of_a_sampled_decode_matches_the_generation(tiny_model_dir):
+    """At temperature 0.8 the events mean what they mean greedy: the view rebuilds the text,
+    and a corrected slot always replaced a different (rejected) draft."""
+    import fluid_app
+
+    model = fluid_app.load(str(tiny_model_dir("llama")), backend="torch", device="cpu")
+    view = LiveView("fluid")
+    items = list(model.stream("The quick brown fox", max_new_tokens=20, k_min=2, k_max=5, temperature=0.8, seed=3))
+    for event in items[:-1]:
+        view.feed(event)
+    assert view.committed == items[-1].token_ids and view.forwards == items[-1].forwards
+    corrected = [s for f in view.frames for s in f.slots if s.state == "corrected"]
+    assert corrected and all(s.token != s.replaced for s in corrected)
+    assert len({f.slots for f in view.frames}) > 3
+
+
+RACE = {"speedup": 1.5, "fluid_tokens_per_s": 30.0, "ar_tokens_per_s": 20.0, "fluid_tokens_per_forward": 1.8,
+        "ar_tokens_per_forward": 1.0}
+
+
+@pytest.mark.parametrize("identical", [True, False])
+def test_a_sampled_race_never_claims_identical_texts(identical):
+    """Sampled, equal texts prove nothing and different ones are no bug: whatever the texts
+    did, the verdict reports the speeds and the sampling, and judges nothing."""
+    summary = race_summary({**RACE, "identical": identical,
+                            "sampling": {"temperature": 0.8, "top_p": 0.95, "top_k": 0, "seed": 7}})
+    assert summary.startswith("**FLUID 1.50× AR**")
+    assert "FLUID 30.0 tokens/s, TPF 1.80" in summary and "AR 20.0 tokens/s, TPF 1.00" in summary
+    assert ("sampled (temperature 0.8, top-p 0.95, seed 7): FLUID and AR each follow the model's distribution; "
+            "their texts can differ by design") in summary
+    assert "identical" not in summary.lower() and "DIFFER" not in summary and "bug" not in summary
+
+
+def test_a_greedy_race_judges_the_texts():
+    assert race_summary({**RACE, "identical": True, "sampling": None}).endswith("· identical outputs (lossless)")
+    assert race_summary({**RACE, "identical": False}).endswith("· outputs DIFFER (not lossless: a bug)")
+    assert sampling_text(None) == "greedy"
+    assert sampling_text({"temperature": 1.0, "top_p": 1.0, "top_k": 50, "seed": None}) == "temperature 1, top-k 50"
+
+
 def test_slots_html_escapes_token_text_and_shows_corrections():
     view = LiveView("reference")
-    view.feed(BlockStart(0, 2, 0))
-    view.feed(Draft(0, 0, [1, 2], [0.9, 0.4], [True, True]))
-    view.feed(Verify(0, 0, 3))
+    view.feed(BlockStart(0, 2, 0, 0))
+    view.feed(Draft(0, 0, [1, 2], [0.9, 0.4], [True, True], 1))
+    view.feed(Verify(0, 0, 3, 2))
     text = {1: "<b>", 2: "wrong", 3: " right\n"}
     html = slots_html(view.frames[-1], text.__getitem__, view.horizons)
     assert "&lt;b&gt;" in html and "<b>" not in html
@@ -104,9 +153,9 @@ def test_slots_html_escapes_token_text_and_shows_corrections():
 
 def test_plot_data_is_long_format():
     view = LiveView("fluid")
-    for event in (Commit(0, [1], 1), BlockStart(0, 3, 1), Verify(0, 0, None), Commit(0, [2], 2),
-                  BlockStart(0, 3, 2), Draft(0, 0, [2, 5, 6], [1, 0.9, 0.9], [True] * 3),
-                  Verify(0, 2, None), Commit(0, [5, 6, 4], 5)):
+    for event in (Commit(0, [1], 1, 0), BlockStart(0, 3, 1, 0), Verify(0, 0, None, 1), Commit(0, [2], 2, 1),
+                  BlockStart(0, 3, 2, 1), Draft(0, 0, [2, 5, 6], [1, 0.9, 0.9], [True] * 3, 1),
+                  Verify(0, 2, None, 2), Commit(0, [5, 6, 4], 5, 2)):
         view.feed(event)
     frame = plot_data(view.points)
     assert list(frame.columns) == ["forward", "value", "series"]

@@ -136,7 +136,7 @@ def test_mlx_lm_reads_export_with_custom_rope_theta(tiny_model_dir, tmp_path):
     ckpt = make_adapter_checkpoint(base, tmp_path / "ckpt")
     out = tmp_path / "merged"
     from backends.torch_backend.export import export_merged
-    from fluid_app.sources import resolve_model
+    from fluid_app.model_refs import resolve_model
 
     export_merged(resolve_model(str(ckpt)), out)
     prompt_ids, torch_ids = hf_greedy(out)

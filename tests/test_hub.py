@@ -293,3 +293,87 @@ def test_import_reference_needs_mask_id(tiny_model_dir, tmp_path):
     ok(run_cli("import-reference", str(src), str(tmp_path / "out"), "--mask-token-id", str(unused),
                "--verify-tokens", "0"))
     assert json.loads((tmp_path / "out" / "fluid_config.json").read_text())["mask_token_id"] == unused
+
+
+# ------------------------------------------------------------------ what a push publishes
+
+def _training_run(tiny_model_dir, root: Path) -> tuple[Path, Path]:
+    """A Stage I output folder as training leaves it: the export, plus resumable state, logs
+    and the peft README; its configs name this machine's paths in several places."""
+    base = tiny_model_dir("llama")
+    run = make_adapter_checkpoint(base, root / "run")
+    config = json.loads((run / "fluid_config.json").read_text())
+    config["extra"] = {
+        "stage1": {"base": str(base), "base_model": str(base), "data": "/home/trainer/data/chats.jsonl",
+                   "lora_rank": 4, "notes": f"trained from {base}/ on /home/trainer/data/chats.jsonl"},
+        "stage2": {"model": str(run), "data": "/home/trainer/data/chats.jsonl", "steps": 3,
+                   "history": [{"cmd": f"fluid train stage2 --model {run} --out ~/runs/s2"}]},
+        "original_base_model": str(base),
+    }
+    (run / "fluid_config.json").write_text(json.dumps(config))
+    step = run / "checkpoints" / "step-0000010"
+    step.mkdir(parents=True)
+    for name in ("optimizer.pt", "rng-rank0.pt", "trainer_state.json", "trainable.safetensors",
+                 "optimizer.safetensors", "optimizer.json", "rng-rank0.json"):
+        (step / name).write_bytes(b"state")
+    for name in ("adapter_config.json", "adapter_model.safetensors", "fluid_config.json"):
+        shutil.copy(run / name, step / name)
+    (run / "train_log.jsonl").write_text('{"step": 1, "loss": 3.2}\n')
+    (run / "stage2_log.jsonl").write_text('{"step": 1}\n')
+    (run / "notes.txt").write_text("scratch\n")
+    (run / "docs").mkdir()
+    (run / "docs" / "curve.png").write_bytes(b"\x89PNG")
+    (run / "README.md").write_text(f"---\nbase_model: {base}\nlibrary_name: peft\n---\n# Model Card\n")
+    return run, base
+
+
+def test_push_uploads_the_shippable_files_only(hub, online, tiny_model_dir, tmp_path):
+    run, _ = _training_run(tiny_model_dir, tmp_path)
+    result = ok(run_cli("push", str(run), "org/run", "--base-model", "org/tiny-base"))
+    shipped = {"adapter_config.json", "adapter_model.safetensors", "fluid_config.json", "k_head.safetensors",
+               "README.md"}
+    assert set(latest_files(hub, "org/run")) == shipped
+    assert "not uploaded" in result.stderr and "checkpoints/" in result.stderr and "train_log.jsonl" in result.stderr
+    ok(run_cli("push", str(run), "org/run-docs", "--base-model", "org/tiny-base", "--include", "docs/*.png",
+               "--include", "notes.txt"))
+    assert set(latest_files(hub, "org/run-docs")) == shipped | {"docs/curve.png", "notes.txt"}
+    # an include that adds nothing publishable is a mistake (training state never goes up)
+    for pattern in ("checkpoints/*", "*.pt", "docs/*.jpg"):
+        fails(run_cli("push", str(run), "org/run-x", "--base-model", "org/tiny-base", "--include", pattern),
+              "--include", pattern)
+    assert "org/run-x" not in hub.state.repos
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_published_configs_and_card_hold_no_local_paths(hub, online, tiny_model_dir, tmp_path):
+    run, base = _training_run(tiny_model_dir, tmp_path)
+    ok(run_cli("push", str(run), "org/portable", "--base-model", "org/tiny-base"))
+    files = latest_files(hub, "org/portable")
+    local = (str(base), str(run), str(tmp_path), "/home/trainer", "~/runs")
+    for name, data in files.items():
+        if name.endswith((".json", ".md")):
+            text = data.decode()
+            assert not any(path in text for path in local), (name, text)
+    config = json.loads(files["fluid_config.json"])
+    assert config["base_model"] == "org/tiny-base"
+    stage1, stage2 = config["extra"]["stage1"], config["extra"]["stage2"]
+    assert stage1["base"] == stage1["base_model"] == config["extra"]["original_base_model"] == "org/tiny-base"
+    assert stage1["data"] == stage2["data"] == "chats.jsonl" and stage2["model"] == run.name
+    assert stage1["notes"] == "trained from org/tiny-base on chats.jsonl"
+    assert stage2["history"][0]["cmd"] == f"fluid train stage2 --model {run.name} --out s2"
+    assert not [s for s in _strings(config) if s.startswith(("/", "~"))]
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "org/tiny-base"
+    card = files["README.md"].decode()
+    assert "base_model: org/tiny-base" in card and '"data": "chats.jsonl"' in card
+    # what stays on this machine is untouched
+    assert json.loads((run / "fluid_config.json").read_text())["extra"]["stage1"]["data"].startswith("/home/")

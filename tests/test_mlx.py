@@ -136,7 +136,7 @@ def test_lora_adapter_fused_like_peft(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from fluid_app.config import FluidConfig
+    from fluid_app.fluid_config import FluidConfig
 
     base = tiny_model_dir("llama")
     torch.manual_seed(1)
@@ -173,7 +173,7 @@ def test_k_head_runs_in_mlx(tiny_model_dir, tmp_path):
     import torch
 
     from backends.torch_backend.k_head import KHead, save_k_head
-    from fluid_app.config import FluidConfig
+    from fluid_app.fluid_config import FluidConfig
 
     folder = tmp_path / "merged"
     shutil.copytree(tiny_model_dir("qwen2"), folder)
@@ -270,3 +270,17 @@ def test_smollm2_4bit_convert_coherent_and_lossless(smol_mlx, tmp_path):
     assert "Paris" in answer.text, answer.text
     prompts = SMOL_PROMPTS[:3]
     assert _ids(model, prompts, "fluid", **SMOL) == _ids(model, prompts, "ar", **SMOL)
+
+
+@pytest.mark.slow
+def test_smollm2_sampling_draws_the_same_tokens_on_torch_and_mlx(smol_mlx, smollm2):
+    """Same seed, same logits (to float precision) -> the numpy core draws the same tokens on
+    both backends: warping, draws and accept/reject live in the core, not in a backend."""
+    prompts = SMOL_PROMPTS[:5]
+    options = dict(max_new_tokens=12, k_min=2, k_max=4, temperature=0.7, top_p=0.95, seed=11)
+    for mode in ("ar", "fluid"):
+        torch_ids = _ids(smollm2, prompts, mode, **options)
+        mlx_ids = _ids(smol_mlx, prompts, mode, **options)
+        assert torch_ids == mlx_ids, mode
+    greedy = _ids(smollm2, prompts, "ar", max_new_tokens=12)
+    assert torch_ids != greedy  # it really sampled

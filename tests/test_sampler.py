@@ -111,6 +111,19 @@ def test_events_tell_the_whole_story():
                     assert len(e.slots) == len(e.confidences) == len(e.decided)
                 if isinstance(e, Verify) and e.row == row:
                     assert 0 <= e.accepted <= 6
+            counts = [e.forwards for e in events if e.row == row]  # the cost travels on the events
+            assert counts == sorted(counts) and counts[-1] == result.forwards
+
+
+@pytest.mark.parametrize("mode", ["ar", "reference", "fluid"])
+def test_event_forward_counts_are_the_backend_forwards(mode):
+    """One row: every decoding forward the backend ran (prefill aside) shows on the events."""
+    lm = ToyLM(draft_accuracy=0.6, eos_rate=0.0)
+    for prompt in prompts(11, 4):
+        lm.forward_calls = 0
+        decoder = Decoder(lm, [prompt], DecodeSettings(mode=mode, max_new_tokens=30, k_min=2, k_max=6))
+        events = list(decoder.events())
+        assert events[-1].forwards == decoder.results[0].forwards == lm.forward_calls - 1
 
 
 def _lookup_oracle(context, num_tokens, max_ngram=3, min_ngram=2):

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fluid_app.config import FluidConfig
+from fluid_app.fluid_config import FluidConfig
 from fluid_app.protocol import StepOutput
 
 EOS, MASK = 1, 2
@@ -78,7 +78,9 @@ class ToyLM:
             horizons.append(1 + _hash(self.seed, 13, *context[-2:]) % 16)
         return StepOutput(np.array([preds]), np.array([confs], dtype=np.float32), np.array([horizons]))
 
-    def start(self, prompts):
+    def start(self, prompts, logits: bool = False):
+        if logits:
+            raise ValueError("ToyLM has no logits; use SamplingToyLM for sampled decoding")
         self.forward_calls += 1
         self.prefills += 1
         session = ToySession(self, prompts)
@@ -104,6 +106,71 @@ class ToySession:
         self.pending = []
 
 
+class SamplingToyLM(ToyLM):
+    """A toy with real next-token distributions, for sampled decoding.
+
+    The target logits after a context are a fixed random vector of its last three tokens
+    (EOS and MASK never sampled), so the exact AR sampling distribution of the first tokens
+    can be enumerated. An output whose context holds a MASK is a draft: the MASK inputs are
+    imputed with the target's argmax and the target logits there get ``draft_noise`` added, so
+    mask drafts are plausible but wrong proposals. Outputs of all-real contexts are exact.
+    """
+
+    def __init__(self, vocab_size: int = 7, draft_noise: float = 1.0, scale: float = 1.5, seed: int = 0):
+        super().__init__(vocab_size=vocab_size, eos_rate=0.0, seed=seed)
+        self.draft_noise = draft_noise
+        self.scale = scale
+
+    def target_logits(self, context: Sequence[int]) -> np.ndarray:
+        return self._vector(17, tuple(context[-3:]), self.scale, banned=True)
+
+    def _vector(self, salt: int, key: tuple, scale: float, banned: bool = False) -> np.ndarray:
+        """A fixed random vector per (salt, key), computed once (the tests draw millions)."""
+        cache = self.__dict__.setdefault("_vectors", {})
+        if (salt, key) not in cache:
+            vector = np.random.default_rng(_hash(self.seed, salt, *key) % (2**63)).normal(0.0, scale, self.vocab_size)
+            if banned:
+                vector[[EOS, MASK]] = -np.inf
+            cache[salt, key] = vector
+        return cache[salt, key]
+
+    def outputs(self, tokens: Sequence[int], start: int) -> StepOutput:
+        imputed: list[int] = []
+        for token in tokens:
+            imputed.append(int(np.argmax(self.target_logits(imputed))) if token == MASK else int(token))
+        rows = []
+        for i in range(start, len(tokens)):
+            logits = self.target_logits(imputed[: i + 1])
+            if MASK in tokens[: i + 1]:
+                logits = logits + self._vector(19, (i - len(tokens), *imputed[: i + 1][-3:]), self.draft_noise)
+            rows.append(logits)
+        logits = np.array([rows])
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        horizons = np.array([[1 + _hash(self.seed, 13, i) % 4 for i in range(start, len(tokens))]])
+        return StepOutput(logits.argmax(-1), probs.max(-1).astype(np.float32), horizons,
+                          logits.astype(np.float32) if self.with_logits else None)
+
+    def start(self, prompts, logits: bool = False):
+        self.with_logits = logits
+        self.forward_calls += 1
+        session = ToySession(self, prompts)
+        return session, _stack([self.outputs(p, len(p) - 1) for p in prompts])
+
+    def ar_distribution(self, prompt: Sequence[int], length: int, warp) -> dict[tuple[int, ...], float]:
+        """Exact probability of every sequence of the first ``length`` sampled tokens."""
+        out: dict[tuple[int, ...], float] = {(): 1.0}
+        for _ in range(length):
+            nxt: dict[tuple[int, ...], float] = {}
+            for seq, mass in out.items():
+                p = warp(self.target_logits(list(prompt) + list(seq)).astype(np.float32))
+                for token in np.flatnonzero(p > 0):
+                    nxt[seq + (int(token),)] = mass * float(p[token])
+            out = nxt
+        return out
+
+
 def _stack(outputs: list[StepOutput]) -> StepOutput:
+    logits = None if outputs[0].logits is None else np.concatenate([o.logits for o in outputs])
     return StepOutput(np.concatenate([o.tokens for o in outputs]), np.concatenate([o.confidence for o in outputs]),
-                      np.concatenate([o.horizon for o in outputs]))
+                      np.concatenate([o.horizon for o in outputs]), logits)

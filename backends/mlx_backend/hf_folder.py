@@ -1,30 +1,25 @@
-"""Give mlx-lm what it reads: a Hugging Face folder with a config it interprets correctly.
-
-Two jobs:
+"""Give mlx-lm what it reads: a Hugging Face folder (a GGUF base is converted into one).
 
 * ``.gguf`` bases (the embedded SmolLM2) are converted once into an HF folder under the
   user cache (``$FLUID_CACHE``, else ``$XDG_CACHE_HOME/fluid``, else ``~/.cache/fluid``).
   The conversion goes through transformers' own GGUF reader, which dequantizes with
   PyTorch, so it needs torch once; afterwards the cached folder loads without it. The
-  folder is written in a temp directory and renamed, so a crash never leaves half of one.
+  folder is written beside its place and renamed (:func:`fluid_app.files.atomic_folder`),
+  so a crash never leaves half of one, and it gets the modes the umask gives.
   The weights are the exact fp32 tensors the PyTorch backend loads from the same file.
-* Config fixes: transformers 5 saves ``rope_parameters: {rope_theta, rope_type, ...}``
-  while several mlx-lm families read only a top-level ``rope_theta`` (else 10000) and then
-  silently decode garbage. :func:`patched_config` lifts those keys to the top level.
+* Its ``config.json`` is written portable (:func:`fluid_app.hf_config.portable_config`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from fluid_app.errors import FluidError
-from fluid_app.sources import ModelSpec
+from fluid_app.files import atomic_folder, write_json_atomic
+from fluid_app.hf_config import portable_config, read_config
+from fluid_app.model_refs import ModelSpec
 
 
 def cache_root() -> Path:
@@ -32,37 +27,6 @@ def cache_root() -> Path:
         return Path(os.environ["FLUID_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "fluid"
-
-
-def patched_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Copy of an HF config with ``rope_theta`` / ``rope_scaling`` also at the top level
-    (and GPT-2's ``n_ctx``), so mlx-lm builds the model the config describes."""
-    config = dict(config)
-    if config.get("model_type") == "gpt2" and "n_ctx" not in config and "n_positions" in config:
-        config["n_ctx"] = config["n_positions"]  # transformers 5 no longer saves it; mlx-lm needs it
-    for holder in (config, config.get("text_config") or {}):
-        rope = holder.get("rope_parameters")
-        if not isinstance(rope, dict):
-            continue
-        if "rope_theta" in rope and holder.get("rope_theta") is None:
-            holder["rope_theta"] = rope["rope_theta"]
-        if rope.get("rope_type", "default") != "default" and not holder.get("rope_scaling"):
-            holder["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    return config
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FluidError(f"{path} not found; pass a Hugging Face model folder") from None
-    except json.JSONDecodeError as exc:
-        raise FluidError(f"{path} is not valid JSON ({exc.msg}); re-download or re-export the model") from None
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def base_folder(spec: ModelSpec) -> Path:
@@ -88,36 +52,32 @@ def _convert_gguf(spec: ModelSpec, target: Path) -> None:
             f"{spec.base.name} is a GGUF file; converting it for MLX needs PyTorch once "
             "(pip install torch), or pass an MLX/HF model folder instead"
         ) from None
-    from backends.torch_backend.loader import _quiet  # same silencing as the torch loader
+    from backends.transformers_io import quiet  # same silencing as the torch loader
 
     print(f"converting {spec.base.name} for MLX (once) into {target}", flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    # a folder without config.json there is a broken copy: replace it; otherwise a copy that
+    # another process renames into place first wins and ours is dropped
+    replace_broken = target.exists() or target.is_symlink()
     try:
-        with _quiet():
-            tokenizer = AutoTokenizer.from_pretrained(str(spec.base_dir), gguf_file=spec.gguf_file)
-            model = AutoModelForCausalLM.from_pretrained(str(spec.base_dir), gguf_file=spec.gguf_file,
-                                                         dtype=torch.float32)
-            tokenizer.save_pretrained(tmp)
-            model.generation_config.save_pretrained(tmp)
-            model.config.save_pretrained(tmp)
-        # transformers refuses save_pretrained on a GGUF-loaded ("quantized") model, but its
-        # weights are plain dequantized tensors: write them directly (tied ones once).
-        state = model.state_dict()
-        if model.config.get_text_config().tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        config = patched_config(read_config(tmp))  # both rope keys on disk
-        config.pop("quantization_config", None)
-        write_json(tmp / "config.json", config)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first; keep its copy
-            if not (target / "config.json").exists():
-                raise
+        with atomic_folder(target, force=replace_broken) as tmp:
+            with quiet():
+                tokenizer = AutoTokenizer.from_pretrained(str(spec.base_dir), gguf_file=spec.gguf_file)
+                model = AutoModelForCausalLM.from_pretrained(str(spec.base_dir), gguf_file=spec.gguf_file,
+                                                             dtype=torch.float32)
+                tokenizer.save_pretrained(tmp)
+                model.generation_config.save_pretrained(tmp)
+                model.config.save_pretrained(tmp)
+            # transformers refuses save_pretrained on a GGUF-loaded ("quantized") model, but its
+            # weights are plain dequantized tensors: write them directly (tied ones once).
+            state = model.state_dict()
+            if model.config.get_text_config().tie_word_embeddings:
+                state.pop("lm_head.weight", None)
+            save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                      metadata={"format": "pt"})
+            write_json_atomic(tmp / "config.json", portable_config(read_config(tmp)))  # both rope keys on disk
+    except FluidError:
+        if not (target / "config.json").exists():  # else another process finished first: keep its copy
+            raise
     except (OSError, ValueError, KeyError) as exc:
-        raise FluidError(f"cannot convert {spec.base} for MLX: {exc}; check the file or use --backend torch") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        raise FluidError(f"cannot convert {spec.base} for MLX: {exc}; check the file or use the torch backend",
+                         "backend") from None

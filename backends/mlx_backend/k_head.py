@@ -11,9 +11,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from fluid_app.errors import FluidError
+from fluid_app.errors import FluidError, damaged, first_line
 
-KEYS = ("proj.weight", "proj.bias", "out.weight", "out.bias")
+from ..k_head_file import KEYS, check_k_head
 
 
 class KHead(nn.Module):
@@ -35,16 +35,12 @@ def load_k_head(path: str | Path, hidden_size: int) -> KHead:
     try:
         state = mx.load(str(path))
     except (OSError, ValueError, RuntimeError) as exc:
-        raise FluidError(f"cannot read the K-head {path} ({exc}); re-export the checkpoint") from None
-    missing = [k for k in KEYS if k not in state]
-    if missing:
-        raise FluidError(f"{path} lacks {', '.join(missing)}; it is not a FLUID K-head, re-export it")
-    if state["proj.weight"].shape[1] != hidden_size:
-        raise FluidError(
-            f"{path} was trained for hidden size {state['proj.weight'].shape[1]}, but the model has "
-            f"{hidden_size}; use the K-head that came with this model"
-        )
-    head = KHead(hidden_size, int(state["out.weight"].shape[0]))
-    head.load_weights([(k, state[k].astype(mx.float32)) for k in KEYS])
+        raise damaged(path, exc) from None
+    k_max = check_k_head(path, {k: tuple(v.shape) for k, v in state.items()}, hidden_size)
+    head = KHead(hidden_size, k_max)
+    try:
+        head.load_weights([(k, state[k].astype(mx.float32)) for k in KEYS])
+    except ValueError as exc:  # shapes that do not chain
+        raise FluidError(f"{path} is not a FLUID K-head ({first_line(exc)}); re-export the checkpoint") from None
     mx.eval(head.parameters())
     return head

@@ -21,10 +21,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from fluid_app.errors import FluidError
+from fluid_app.errors import FluidError, damaged
+from fluid_app.model_refs import ADAPTER_WEIGHTS
+
+from .weights import hf_weight_names
 
 PREFIX = "base_model.model."
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def fuse_adapter(model: nn.Module, base_dir: Path, adapter_dir: Path, model_type: str | None = None) -> int:
@@ -33,10 +35,10 @@ def fuse_adapter(model: nn.Module, base_dir: Path, adapter_dir: Path, model_type
     weights_file = adapter_dir / ADAPTER_WEIGHTS
     if not weights_file.exists():
         raise FluidError(f"{weights_file} not found; save the adapter with PeftModel.save_pretrained")
-    lora = mx.load(str(weights_file))
+    lora = _load(weights_file, "re-download or re-export the checkpoint")
     base: dict[str, mx.array] = {}
     for path in glob.glob(str(base_dir / "model*.safetensors")):
-        base.update(mx.load(path))
+        base.update(_load(Path(path), "re-download the base model"))
 
     modules = sorted({k[len(PREFIX):].rsplit(".lora_A", 1)[0] for k in lora if ".lora_A" in k})
     fused: dict[str, mx.array] = {}
@@ -66,9 +68,6 @@ def fuse_adapter(model: nn.Module, base_dir: Path, adapter_dir: Path, model_type
         fused[name] = value.astype(base[name].dtype)
     if not fused:
         raise FluidError(f"{weights_file} holds no LoRA weights; re-save the adapter")
-
-    from .loader import hf_weight_names
-
     fused = hf_weight_names(model_type, fused)
     sanitized = model.sanitize(dict(fused)) if hasattr(model, "sanitize") else fused
     params = dict(tree_flatten(model.parameters()))
@@ -79,6 +78,15 @@ def fuse_adapter(model: nn.Module, base_dir: Path, adapter_dir: Path, model_type
     model.load_weights(list(sanitized.items()), strict=False)
     mx.eval(model.parameters())
     return len(modules)
+
+
+def _load(path: Path, fix: str) -> dict[str, mx.array]:
+    """A safetensors file's tensors, or a one-line error for a damaged one (mlx says
+    ``RuntimeError`` for a truncated, empty or garbled file)."""
+    try:
+        return mx.load(str(path))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise damaged(path, exc, fix) from None
 
 
 def _adapter_config(adapter_dir: Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ which is what makes FLUID lossless.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -18,13 +18,17 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from fluid_app.protocol import StepOutput
 
+if TYPE_CHECKING:
+    from .loader import MLXBackend
+
 
 class MLXSession:
-    def __init__(self, backend: "MLXBackend", prompts: Sequence[Sequence[int]]):  # noqa: F821
+    def __init__(self, backend: MLXBackend, prompts: Sequence[Sequence[int]], logits: bool = False):
         self.backend = backend
+        self.logits = logits
         self.caches = [backend.new_cache() for _ in prompts]
         self._last_width = 0
-        outs = [backend.step(mx.array([list(p)], dtype=mx.int32), cache, last_only=True)
+        outs = [backend.step(mx.array([list(p)], dtype=mx.int32), cache, last_only=True, logits=logits)
                 for p, cache in zip(prompts, self.caches)]
         self.first = _stack(outs)
 
@@ -32,7 +36,7 @@ class MLXSession:
         tokens = np.asarray(tokens, dtype=np.int64)
         self._last_width = tokens.shape[1]
         self.backend.forward_calls += 1
-        outs = [self.backend.step(mx.array(row[None, :].astype(np.int32)), cache)
+        outs = [self.backend.step(mx.array(row[None, :].astype(np.int32)), cache, logits=self.logits)
                 for row, cache in zip(tokens, self.caches)]
         return _stack(outs)
 
@@ -49,4 +53,5 @@ def _stack(outs: list[StepOutput]) -> StepOutput:
         tokens=np.concatenate([o.tokens for o in outs], axis=0),
         confidence=np.concatenate([o.confidence for o in outs], axis=0),
         horizon=None if outs[0].horizon is None else np.concatenate([o.horizon for o in outs], axis=0),
+        logits=None if outs[0].logits is None else np.concatenate([o.logits for o in outs], axis=0),
     )

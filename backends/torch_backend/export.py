@@ -2,7 +2,7 @@
 
 The LoRA adapter (if any) is merged into the base weights (peft ``merge_and_unload``, done by
 the loader), and the folder gets everything needed to decode without the base model:
-``model.safetensors`` + ``config.json`` (portable, see :mod:`fluid_app.portable`), the
+``model.safetensors`` + ``config.json`` (portable, see :mod:`fluid_app.hf_config`), the
 tokenizer (including an added MASK token), ``fluid_config.json`` with ``base_model`` unset,
 and ``k_head.safetensors``. The result loads in plain transformers and in mlx-lm.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from fluid_app.errors import FluidError
 from fluid_app.files import atomic_folder
-from fluid_app.portable import fix_config_file
-from fluid_app.sources import K_HEAD_FILENAME, ModelSpec
+from fluid_app.hf_config import fix_config_file
+from fluid_app.model_refs import K_HEAD_FILENAME, ModelSpec
 
 from .loader import load
 

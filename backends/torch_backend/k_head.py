@@ -12,7 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fluid_app.errors import FluidError
+from fluid_app.errors import FluidError, damaged, first_line
+from fluid_app.files import atomic_file
+
+from ..k_head_file import check_k_head
 
 
 class KHead(nn.Module):
@@ -31,22 +34,28 @@ class KHead(nn.Module):
 
 
 def save_k_head(head: KHead, path: str | Path) -> None:
-    """Save atomically (temp file, then rename) so a crash never leaves half a head."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Save atomically (:func:`fluid_app.files.atomic_file`) so a crash never leaves half a head."""
     state = {k: v.detach().float().contiguous().cpu() for k, v in head.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": "pt", "k_max": str(head.k_max)})
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "k_max": str(head.k_max)})
 
 
 def load_k_head(path: str | Path, hidden_size: int) -> KHead:
-    state = load_file(str(path))
-    k_max = state["out.weight"].shape[0]
-    if state["proj.weight"].shape[1] != hidden_size:
-        raise FluidError(
-            f"{path} was trained for hidden size {state['proj.weight'].shape[1]}, but the model has "
-            f"{hidden_size}; use the K-head that came with this model"
-        )
+    """Load a K-head, checking it is one and was trained for this hidden size.
+
+    Why the checks: a damaged download or a file that is not a K-head would otherwise end
+    in a safetensors or ``load_state_dict`` traceback, long after the model has loaded.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise damaged(path, exc) from None
+    k_max = check_k_head(path, {k: tuple(v.shape) for k, v in state.items()}, hidden_size)
     head = KHead(hidden_size, k_max)
-    head.load_state_dict(state)
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as exc:  # extra tensors, or shapes that do not chain
+        raise FluidError(f"{path} is not a FLUID K-head ({first_line(exc)}); re-export the checkpoint") from None
     return head

@@ -3,33 +3,37 @@
 from __future__ import annotations
 
 import inspect
-import logging
-import warnings
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from fluid_app.config import FluidConfig
-from fluid_app.errors import FluidError
-from fluid_app.mask_token import NEW_MASK_TOKEN, unused_special_token
+from fluid_app import hf_config
+from fluid_app.data import Example
+from fluid_app.errors import FluidError, damaged, first_line
+from fluid_app.fluid_config import FluidConfig
+from fluid_app.model_refs import ModelSpec
 from fluid_app.protocol import StepOutput
-from fluid_app.sources import ModelSpec
 
+from ..transformers_io import load_tokenizer, quiet
 from .cpu_linear import pack_linear_layers
 from .k_head import KHead, load_k_head
 from .session import TorchSession
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_device(device: str = "auto") -> torch.device:
     if device != "auto":
         try:
-            return torch.device(device)
+            chosen = torch.device(device)
         except RuntimeError:
-            raise FluidError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+            raise FluidError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps", "device") from None
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise FluidError("CUDA is not available on this machine; use device cpu (or auto)", "device")
+        if chosen.type == "mps" and not torch.backends.mps.is_available():
+            raise FluidError("MPS is not available on this machine; use device cpu (or auto)", "device")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -38,11 +42,10 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
+    name = hf_config.dtype_name(dtype)
+    if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise FluidError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(DTYPES))}")
-    return DTYPES[dtype]
+    return DTYPES[name]
 
 
 class TorchBackend:
@@ -60,9 +63,11 @@ class TorchBackend:
         self.device = str(device)
         self.label = label
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self.max_context = int(_context_length(model.config))
+        self.max_context = hf_config.context_length(model.config.to_dict())
         self.mask_token_id = fluid_config.mask_token_id
-        self.eos_token_ids = frozenset(_eos_ids(model, tokenizer))
+        generation = getattr(model, "generation_config", None)
+        self.eos_token_ids = hf_config.eos_token_ids(
+            [model.config.to_dict(), generation.to_dict() if generation is not None else None], tokenizer)
         self.forward_calls = 0  # every model forward, prefill included (for honest counting)
         # transformers renamed ``past_key_values`` to ``cache``; speak whichever this version knows
         parameters = inspect.signature(model.base_model.forward).parameters
@@ -72,10 +77,27 @@ class TorchBackend:
     def has_k_head(self) -> bool:
         return self.k_head is not None
 
-    def start(self, prompts: Sequence[Sequence[int]]) -> tuple[TorchSession, StepOutput]:
+    def start(self, prompts: Sequence[Sequence[int]], logits: bool = False) -> tuple[TorchSession, StepOutput]:
         self.forward_calls += 1
-        session = TorchSession(self, prompts)
+        session = TorchSession(self, prompts, logits)
         return session, session.first
+
+    def score(self, examples: Sequence[Example], desc: str = "scoring") -> tuple[float, int]:
+        """Teacher-forced AR negative log-likelihood of the labelled tokens, and their count."""
+        from .perplexity import assistant_nll
+
+        return assistant_nll(self.model, examples, self.torch_device, desc=desc)
+
+    def step_output(self, hidden: torch.Tensor, logits: bool = False) -> StepOutput:
+        """Final hidden states ``[B, T, h]`` -> greedy token, its probability, K-head horizon
+        (and the float32 logits themselves with ``logits``)."""
+        scores = self.model.get_output_embeddings()(hidden).float()
+        confidence, tokens = torch.softmax(scores, dim=-1).max(dim=-1)
+        horizon = None
+        if self.k_head is not None:
+            horizon = (self.k_head(hidden.to(self.k_head.out.weight.dtype)).argmax(-1) + 1).cpu().numpy()
+        return StepOutput(tokens.cpu().numpy(), confidence.cpu().numpy(), horizon,
+                          scores.cpu().numpy() if logits else None)
 
 
 def load(spec: ModelSpec, *, device: str = "auto", dtype: str = "auto",
@@ -106,17 +128,31 @@ def load(spec: ModelSpec, *, device: str = "auto", dtype: str = "auto",
 
 
 def load_pretrained(spec: ModelSpec, **model_kwargs):
-    """Tokenizer and causal LM of ``spec`` (folder or GGUF), with one-line errors."""
-    kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
-    with _quiet():
+    """Tokenizer and causal LM of ``spec`` (folder or GGUF), with one-line errors.
+
+    A damaged weights file (a cut download, an empty or garbled copy) is named, with the
+    fix: safetensors' own error says what is wrong but not in which file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    def unreadable(path: str) -> bool:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(spec.base_dir), **kwargs)
-        except (OSError, ValueError) as exc:
-            raise FluidError(f"cannot load a tokenizer from {spec.base}: {_first_line(exc)}") from None
+            with safe_open(path, framework="pt"):
+                return False
+        except (SafetensorError, OSError):
+            return True
+
+    kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+    tokenizer = load_tokenizer(spec.base_dir, str(spec.base), spec.gguf_file)
+    with quiet():
         try:
             model = AutoModelForCausalLM.from_pretrained(str(spec.base_dir), **model_kwargs, **kwargs)
-        except (OSError, ValueError, KeyError) as exc:
-            raise FluidError(f"cannot load a causal LM from {spec.base}: {_first_line(exc)}") from None
+        except SafetensorError as exc:
+            files = sorted(spec.base_dir.glob("model*.safetensors"))
+            where = next((path for path in files if unreadable(str(path))), spec.base_dir)
+            raise damaged(where, exc, "re-download the model or re-export the checkpoint") from None
+        except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
+            raise FluidError(f"cannot load a causal LM from {spec.base}: {first_line(exc)}", "model") from None
     return tokenizer, model
 
 
@@ -124,13 +160,10 @@ def ensure_mask_token(model, tokenizer, mask_token_id: int | None) -> tuple[int,
     """The MASK id to use and whether it had to be added: the given one, else an unused special
     token, else a new ``<|fluid_mask|>`` (also re-added for a checkpoint whose MASK id is the
     tokenizer's length, i.e. one trained with an added token). Embeddings grow to hold it."""
-    added = False
-    if mask_token_id is None:
-        mask_token_id = unused_special_token(tokenizer)
-    if mask_token_id is None or mask_token_id == len(tokenizer):
-        tokenizer.add_special_tokens({"additional_special_tokens": [NEW_MASK_TOKEN]})
-        mask_token_id = tokenizer.convert_tokens_to_ids(NEW_MASK_TOKEN)
-        added = True
+    mask_token_id, added = hf_config.choose_mask_token(tokenizer, mask_token_id)
+    if added:
+        tokenizer.add_special_tokens({"additional_special_tokens": [hf_config.NEW_MASK_TOKEN]})
+        mask_token_id = tokenizer.convert_tokens_to_ids(hf_config.NEW_MASK_TOKEN)
     if model.get_input_embeddings().weight.shape[0] <= mask_token_id < len(tokenizer):
         add_embedding_rows(model, len(tokenizer))
         added = True
@@ -144,7 +177,8 @@ def add_embedding_rows(model, rows: int) -> None:
     old = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(rows, mean_resizing=False)
     with torch.no_grad():
-        for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+        layers = (model.get_input_embeddings(), model.get_output_embeddings())
+        for layer in {id(m): m for m in layers if m is not None}.values():
             layer.weight[old:] = layer.weight[:old].mean(dim=0, keepdim=True)
             bias = getattr(layer, "bias", None)
             if bias is not None and bias.shape[0] == rows:
@@ -152,62 +186,22 @@ def add_embedding_rows(model, rows: int) -> None:
 
 
 def _fuse_adapter(model, spec: ModelSpec):
-    """Merge a peft LoRA adapter into the weights so inference pays nothing for it."""
+    """Merge a peft LoRA adapter into the weights so inference pays nothing for it.
+
+    A damaged adapter file is told apart from an adapter for another base: the fixes differ
+    (fetch the file again, or load the right base).
+    """
     from peft import PeftModel
+    from safetensors import SafetensorError
+
+    from fluid_app.model_refs import ADAPTER_WEIGHTS
 
     try:
         return PeftModel.from_pretrained(model, str(spec.adapter)).merge_and_unload()
+    except SafetensorError as exc:
+        raise damaged(spec.adapter / ADAPTER_WEIGHTS, exc) from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise FluidError(
-            f"the adapter in {spec.adapter} does not fit {spec.base}: {_first_line(exc)}; "
+            f"the adapter in {spec.adapter} does not fit {spec.base}: {first_line(exc)}; "
             "load it with the base model it was trained on"
         ) from None
-
-
-def _context_length(config) -> int:
-    text = config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(text, name, None)
-        if value:
-            return int(value)
-    return 2048
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(source, "eos_token_id", None) if source is not None else None
-        if eos is not None:
-            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-class _quiet:
-    """Silence transformers' progress bars and warnings while loading (errors still raise)."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self._level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore")
-        logging.getLogger("gguf").setLevel(logging.ERROR)
-        return self
-
-    def __exit__(self, *exc):
-        from transformers.utils import logging as hf_logging
-
-        self._warnings.__exit__(*exc)
-        hf_logging.set_verbosity(self._level)
-        hf_logging.enable_progress_bar()
-        return False

@@ -7,7 +7,6 @@ next to the base model's, measures exactly what LoRA changed in AR behaviour.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
@@ -33,7 +32,3 @@ def assistant_nll(model: Any, examples: Sequence[Example], device: torch.device,
             total += float(F.cross_entropy(logits[scored], targets[scored], reduction="sum"))
             count += int(scored.sum())
     return total, count
-
-
-def perplexity(total: float, count: int) -> float:
-    return math.exp(total / count) if count else float("nan")

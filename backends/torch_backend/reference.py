@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from fluid_app.config import FluidConfig
 from fluid_app.errors import FluidError
-from fluid_app.sources import ModelSpec
+from fluid_app.fluid_config import FluidConfig
+from fluid_app.model_refs import ModelSpec
 
 from .k_head import KHead
 
@@ -37,7 +37,8 @@ def k_head_from_reference(path: Path, hidden_size: int) -> KHead:
     except Exception as exc:  # a corrupt or non-torch file
         raise FluidError(f"cannot read {path} as a torch state dict ({type(exc).__name__}); "
                          "re-download the authors' model_head.bin") from None
-    head = {k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)} if isinstance(state, dict) else {}
+    state = state if isinstance(state, dict) else {}
+    head = {k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
     if not head:
         raise FluidError(f"{path} holds no {HEAD_PREFIX}* tensors; is it the authors' model_head.bin?")
     quarter = hidden_size // 4
@@ -104,12 +105,16 @@ def verify_lossless(folder: Path, max_new_tokens: int) -> None:
     """Decode a few tokens in FLUID and AR mode from the written folder; they must agree."""
     if max_new_tokens <= 0:
         return
-    from fluid_app.api import load as load_model
+    from fluid_app.model_refs import resolve_model
+    from fluid_app.sampler import Decoder, DecodeSettings
 
-    model = load_model(str(folder), backend="torch", device="cpu", dtype="float32")
-    prompt = [int(model.tokenizer.bos_token_id or 0)] if model.tokenizer.bos_token_id is not None else "Hello"
-    fluid = model.generate(prompt, mode="fluid", max_new_tokens=max_new_tokens).token_ids
-    ar = model.generate(prompt, mode="ar", max_new_tokens=max_new_tokens).token_ids
+    from .loader import load
+
+    backend = load(resolve_model(str(folder)), device="cpu", dtype="float32")
+    bos = backend.tokenizer.bos_token_id
+    prompt = [int(bos)] if bos is not None else list(backend.tokenizer("Hello")["input_ids"])
+    fluid, ar = (Decoder(backend, [prompt], DecodeSettings.from_config(
+        backend.fluid_config, mode=mode, max_new_tokens=max_new_tokens)).run()[0].token_ids for mode in ("fluid", "ar"))
     if fluid != ar:
         raise FluidError(f"the imported model does not decode losslessly (fluid {fluid[:8]} vs ar {ar[:8]}); "
                          "check --mask-token-id")

@@ -9,7 +9,7 @@ tokens at consecutive positions. With one row there are never holes and no mask 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -17,10 +17,14 @@ from transformers import DynamicCache
 
 from fluid_app.protocol import StepOutput
 
+if TYPE_CHECKING:
+    from .loader import TorchBackend
+
 
 class TorchSession:
-    def __init__(self, backend: "TorchBackend", prompts: Sequence[Sequence[int]]):  # noqa: F821
+    def __init__(self, backend: TorchBackend, prompts: Sequence[Sequence[int]], logits: bool = False):
         self.backend = backend
+        self.logits = logits
         self.device = backend.torch_device
         lengths = [len(p) for p in prompts]
         width = max(lengths)
@@ -32,34 +36,25 @@ class TorchSession:
         self.cache = DynamicCache(config=backend.model.config)
         self._last_width = 0
         positions = torch.arange(width)[None, :].expand(len(prompts), -1)
-        out = self._run(ids, positions, self.valid)
-        last = (self.lengths - 1).to(self.device)
-        rows = torch.arange(len(prompts), device=self.device)
-        self.first = StepOutput(
-            tokens=out.tokens[rows.cpu().numpy(), last.cpu().numpy()][:, None],
-            confidence=out.confidence[rows.cpu().numpy(), last.cpu().numpy()][:, None],
-            horizon=None if out.horizon is None else out.horizon[rows.cpu().numpy(), last.cpu().numpy()][:, None],
-        )
+        self.first = self._run(ids, positions, self.valid, last=self.lengths - 1)
 
     @torch.inference_mode()
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> StepOutput:
-        model = self.backend.model
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+             last: torch.Tensor | None = None) -> StepOutput:
+        """One forward; outputs at every fed position, or (prefill) only at each row's ``last``
+        position, so the output layer never runs over a whole prompt."""
+        backend = self.backend
         attention_mask = None if bool(valid.all()) else valid.to(self.device, torch.long)
-        hidden = model.base_model(
+        hidden = backend.model.base_model(
             input_ids=ids.to(self.device),
             position_ids=positions.to(self.device),
             attention_mask=attention_mask,
             use_cache=True,
-            **{self.backend.cache_kwarg: self.cache},
+            **{backend.cache_kwarg: self.cache},
         ).last_hidden_state
-        logits = model.get_output_embeddings()(hidden).float()
-        probs = torch.softmax(logits, dim=-1)
-        confidence, tokens = probs.max(dim=-1)
-        horizon = None
-        if self.backend.k_head is not None:
-            horizon = self.backend.k_head(hidden.to(self.backend.k_head.out.weight.dtype)).argmax(-1) + 1
-            horizon = horizon.cpu().numpy()
-        return StepOutput(tokens.cpu().numpy(), confidence.cpu().numpy(), horizon)
+        if last is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=self.device), last.to(self.device)][:, None]
+        return backend.step_output(hidden, self.logits)
 
     def forward(self, tokens: np.ndarray) -> StepOutput:
         ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)

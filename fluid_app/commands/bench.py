@@ -6,6 +6,8 @@ import argparse
 import json
 
 from ..bench import check_horizons, format_table, read_prompts, run_bench
+from ..errors import FluidError
+from ..sampler import MODES
 from . import add_decode_options, add_model_options, check_decode_options, decode_options, load_model
 
 
@@ -17,6 +19,12 @@ def register(subparsers) -> None:
     parser.add_argument("--horizons", default="k-head",
                         help="comma-separated FLUID horizon policies to run: k-head (the K-head's choice), "
                              "k-max and k-min (block size fixed there); e.g. k-head,k-max,k-min")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated modes to run (default {','.join(MODES)}; reference is greedy only "
+                             "and is skipped when sampling)")
+    parser.add_argument("--compare-drafts", action="store_true",
+                        help="when sampling, also run FLUID with argmax mask drafts (point masses) instead of "
+                             "drafts sampled from their own distribution")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="also draw per-prompt tokens per forward and the histogram of chosen horizons")
     parser.set_defaults(run=run)
@@ -26,12 +34,19 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     check_decode_options(args)
     horizons = check_horizons([h.strip() for h in args.horizons.split(",") if h.strip()])
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise FluidError(f"unknown mode {(unknown or [''])[0]!r}; use a comma-separated list of {', '.join(MODES)}",
+                         "modes")
     if args.plot:
         from ..bench_plot import check_plot_path
 
         check_plot_path(args.plot)
     model = load_model(args)
-    report = run_bench(model, prompts, chat=args.chat, horizons=horizons, **decode_options(args))
+    report = run_bench(model, prompts, chat=args.chat, modes=modes, horizons=horizons,
+                       compare_drafts=args.compare_drafts,
+                       **decode_options(args))
     if args.plot:
         from ..bench_plot import save_plot
 

@@ -22,12 +22,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import FluidError
+    from backends import convert_to_mlx
 
-    try:
-        from backends.mlx_backend.convert import convert_to_mlx
-    except ImportError:
-        raise FluidError("converting to MLX needs mlx-lm; pip install mlx-lm (mlx[cpu] on Linux)") from None
     out = convert_to_mlx(args.source, args.out, quantize=args.quantize, group_size=args.group_size, dtype=args.dtype)
     print(f"wrote {out}; run: fluid generate --backend mlx --model {out} --prompt ...")
     return 0

@@ -22,9 +22,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..distill import distill
+    from ..distill import check_distill_options, distill
 
-    model = load_model(args)
+    check_distill_options(Path(args.out), count=args.count, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens)
+    model = load_model(args)  # the options are checked first: loading a model takes a while
     written = distill(model, args.data, Path(args.out), count=args.count, holdout=args.holdout,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       max_prompt_tokens=args.max_prompt_tokens)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from ..data import SHAREGPT_PACKAGE_FILE
 from ..errors import FluidError
@@ -45,19 +46,17 @@ def run(args: argparse.Namespace) -> int:
     if adapted.spec.adapter is None and adapted.spec.fluid is None:
         raise FluidError(f"{args.model} is a plain model with no FLUID adapter to compare; "
                          "pass a FLUID checkpoint (e.g. --model default)")
-    from backends.torch_backend.loader import load as load_torch
-    from backends.torch_backend.perplexity import assistant_nll, perplexity
+    from backends import load_backend
 
-    from ..sources import ModelSpec
+    from ..model_refs import ModelSpec
 
     examples = build_examples(conversations, adapted.tokenizer, max_len=args.max_len, source=args.data)
-    backend = adapted.backend
     base_spec = ModelSpec(label=f"{adapted.spec.label} (base)", base=adapted.spec.base)
-    base = load_torch(base_spec, device=args.device, dtype=args.dtype, k_head=False)
+    base = load_backend(base_spec, "torch", device=args.device, dtype=args.dtype, k_head=False)
     scores = {}
-    for name, model in (("base", base.model), ("adapted", backend.model)):
-        total, count = assistant_nll(model, examples, backend.torch_device, desc=name)
-        scores[name] = {"perplexity": round(perplexity(total, count), 4), "tokens": count}
+    for name, backend in (("base", base), ("adapted", adapted.backend)):
+        total, count = backend.score(examples, desc=name)
+        scores[name] = {"perplexity": round(math.exp(total / count) if count else float("nan"), 4), "tokens": count}
     ratio = scores["adapted"]["perplexity"] / scores["base"]["perplexity"]
     report = {"conversations": len(examples), "data": args.data, "holdout": args.holdout,
               "max_len": args.max_len, **scores, "ratio": round(ratio, 4)}

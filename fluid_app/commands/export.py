@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from ..errors import FluidError
-from ..sources import resolve_model
+from ..model_refs import resolve_model
 
 
 def register(subparsers) -> None:
@@ -19,7 +19,8 @@ def register(subparsers) -> None:
     parser.add_argument("--merge", action="store_true",
                         help="merge the LoRA adapter into the weights: a folder plain transformers and mlx-lm load")
     parser.add_argument("--dtype", default="float32",
-                        help="float32, bfloat16 or float16 (default float32; an adapter export takes float32 or float16)")
+                        help="float32, bfloat16 or float16 (default float32; an adapter export takes float32 "
+                             "or float16)")
     parser.add_argument("--k-min", type=int, default=None, help="decoding default to record (adapter export)")
     parser.add_argument("--k-max", type=int, default=None, help="decoding default to record (adapter export)")
     parser.add_argument("--threshold", type=float, default=None, help="decoding default to record (adapter export)")
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if overrides:
         raise FluidError("--k-min/--k-max/--threshold/--prompt-lookup-num-tokens apply to an adapter export; "
                          "drop --merge or those flags")
-    from backends.torch_backend.export import export_merged
+    from backends import export_merged
 
     print(f"merging {spec.label} into {args.out} ...", file=sys.stderr)
     out = export_merged(spec, args.out, dtype=args.dtype, force=args.force)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import FluidError
 from . import add_decode_options, add_model_options, check_decode_options, decode_options, load_model
 
 
@@ -18,8 +17,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.prompt.strip():
-        raise FluidError("the prompt is empty; pass some text with --prompt")
+    from ..api import check_prompt
+
+    check_prompt(args.prompt)
     check_decode_options(args)
     model = load_model(args)
     result = model.generate(args.prompt, chat=args.chat, mode=args.mode, **decode_options(args))

@@ -25,7 +25,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from backends.torch_backend.reference import import_reference
+    from backends import import_reference
 
     src = Path(args.src).expanduser()
     if not src.exists() and is_hub_id(args.src):

@@ -4,19 +4,35 @@ Every handler is a generator that streams the sampler's events into the page, so
 queue keeps each user's stream separate and the Stop button cancels between two forwards.
 Bad input becomes a one-line message in the status box (and a ``gr.Error`` toast), never a
 stack trace.
+
+Sampling: the Temperature, Top-p, Top-k and Seed controls go to the library unchanged (0 is
+greedy). A run without a seed gets a fresh one drawn here, shown in the status line and the
+result, so any sampled decode can be repeated; a race gives AR and FLUID the same seed.
+
+Exposure: the page serves an allow-list of models (:class:`~fluid_app.ui.runner.ModelChoices`,
+the launched model plus ``allow_models``) in a drop-down; a free-text model choice
+(``allow_any_model``) would let any visitor load any file the server can read, so it is only
+served on a loopback address without a share link (:func:`check_exposure`). ``auth`` turns on
+Gradio's own login.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import secrets
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import gradio as gr
 
-from ..errors import FluidError
-from ..sampler import MODES
-from .render import LiveView, legend_html, plot_data, slots_html, stats_text
-from .runner import ModelCache, Run, TokenText, race, verdict
+from backends import BACKENDS
+
+from ..api import check_prompt
+from ..errors import FluidError, phrase
+from ..fluid_config import FluidConfig
+from ..sampler import MODES, DecodeSettings
+from .render import LiveView, legend_html, plot_data, race_summary, sampling_text, slots_html, stats_text
+from .runner import Activity, ModelCache, ModelChoices, Run, TokenText, race, verdict
 
 UPDATE_INTERVAL_S = 0.05  # at most ~20 page updates a second (more is invisible and costly)
 PLOT_INTERVAL_S = 0.5  # the plot redraws less often than the slots
@@ -28,82 +44,160 @@ def _fail(message: str) -> gr.Error:
     return gr.Error(message, duration=None)
 
 
+# How the page names the options a library error points at (the CLI names its flags).
+CONTROLS = {"prompt": "the Prompt box", "k_min": "the k_min slider", "k_max": "the k_max slider",
+            "threshold": "the Threshold slider", "max_new_tokens": "the Max new tokens slider",
+            "mode": "the Mode choice", "chat": "the Chat box", "model": "the Model list",
+            "backend": "the Backend box", "mask_token_id": "the model's fluid_config.json",
+            "prompt_lookup_num_tokens": "the model's fluid_config.json",
+            "temperature": "the Temperature slider", "top_p": "the Top-p slider", "top_k": "the Top-k box",
+            "seed": "the Seed box"}
+RANDOM_SEED = -1  # the Seed box's "draw a new seed every run" (an empty box means the same)
+
+
+def named_slider(*args: Any, **kwargs: Any) -> gr.Slider:
+    """A ``gr.Slider`` whose out-of-range error names it.
+
+    Gradio checks a slider's bounds before any handler runs, in words that do not say which
+    control is at fault ("Value -1 is less than minimum value 0."), so an API caller sending
+    temperature -1 would not know which argument to fix. The check is wrapped on this one
+    instance: a subclass of a Gradio component would make Gradio write a ``.pyi`` stub next
+    to this file at import (and fail to import where the package is read-only).
+    """
+    slider = gr.Slider(*args, **kwargs)
+    check = slider.preprocess
+
+    def preprocess(payload: float) -> float:
+        try:
+            return check(payload)
+        except gr.Error:
+            raise _fail(f"{slider.label} {payload:g} is out of range; pick a value from {slider.minimum:g} to "
+                        f"{slider.maximum:g} (the {slider.label} slider)") from None
+
+    slider.preprocess = preprocess  # type: ignore[method-assign]
+    return slider
+
+
 def _clean_error(exc: Exception) -> str:
     if isinstance(exc, FluidError):
-        return str(exc)
+        return phrase(exc, CONTROLS)
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first}"[:300]
 
 
-def _check_input(prompt: str, k_min: float, k_max: float) -> None:
+def _sampling(temperature: float, top_p: float, top_k: float | None, seed: float | None) -> dict[str, Any]:
+    """The sampling options of a decode, as the library names them. An empty Seed box (or -1)
+    means a fresh seed every run: drawn here when sampling, so it can be shown and reused."""
+    options: dict[str, Any] = {"temperature": float(temperature), "top_p": float(top_p),
+                               "top_k": 0 if top_k is None else _whole(top_k), "seed": None}
+    if seed is not None and seed != RANDOM_SEED:
+        options["seed"] = _whole(seed)
+    elif options["temperature"] > 0:
+        options["seed"] = secrets.randbelow(2**31)
+    return options
+
+
+def _whole(value: float) -> int | float:
+    """``value`` as an int when it is a whole number; otherwise unchanged, for the library to refuse."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _check_input(prompt: str, k_min: float, k_max: float, mode: str = "fluid", **sampling: Any) -> None:
     """Checks that need no model, so the user hears about them before a model loads."""
-    if not (prompt or "").strip():
-        raise FluidError("the prompt is empty; type something in the Prompt box")
-    if int(k_min) > int(k_max):
-        raise FluidError(f"k_min ({int(k_min)}) is larger than k_max ({int(k_max)}); lower k_min or raise k_max")
+    check_prompt(prompt or "")
+    DecodeSettings.from_config(None, mode=mode, k_min=int(k_min), k_max=int(k_max), **sampling)
 
 
 class DemoApp:
-    """Builds the page around a :class:`ModelCache`; ``default_model`` fills the Model box."""
+    """Builds the page around a :class:`ModelCache`; ``models`` (default: ``default_model``
+    alone) are the models a visitor may pick, ``default_model`` first."""
 
     def __init__(self, cache: ModelCache, default_model: str = "default", default_backend: str = "auto",
-                 defaults: dict[str, Any] | None = None, concurrency: int = 1):
+                 defaults: dict[str, Any] | None = None, concurrency: int = 1,
+                 models: ModelChoices | None = None):
         self.cache = cache
-        self.default_model = default_model
+        self.models = models or ModelChoices([default_model])
         self.default_backend = default_backend
-        self.defaults = {"threshold": 0.9, "k_min": 4, "k_max": 16, **(defaults or {})}
+        config = FluidConfig()
+        self.defaults = {"threshold": config.threshold, "k_min": config.k_min, "k_max": config.k_max,
+                         **(defaults or {})}
         self.concurrency = concurrency
+        self.activity = Activity()
 
     # -- handlers --------------------------------------------------------------------------
     def _load(self, model: str, backend: str):
+        reference = self.models.check(model)  # before anything touches the disk
         try:
-            return self.cache.get(model, backend)
+            return self.cache.get(reference, backend)
         except FluidError:
             raise
         except Exception as exc:  # a broken folder, an unreadable file: say it in one line
-            raise FluidError(f"cannot load model {model!r}: {_clean_error(exc)}") from None
+            raise FluidError(f"cannot load model {reference!r}: {_clean_error(exc)}") from None
+
+    def _busy(self, status: str) -> str:
+        """The status line, saying so when other visitors' decodes share the machine."""
+        others = self.activity.running - 1
+        return status + (f" (sharing the machine with {others} other decode{'s' * (others > 1)})"
+                         if others > 0 else "")
 
     def generate(self, prompt: str, model: str, backend: str, chat: bool, mode: str, max_new_tokens: float,
-                 threshold: float, k_min: float, k_max: float, slow_ms: float) -> Iterator[tuple]:
-        """Stream one decode: status, slots, committed text, plot, stats, result, replay slider, state."""
+                 threshold: float, k_min: float, k_max: float, slow_ms: float, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: float | None = 0, seed: float | None = RANDOM_SEED) -> Iterator[tuple]:
+        """Stream one decode: status, slots, committed text, plot, stats, result, replay slider, state.
+
+        The sampling parameters come last, with defaults, so API callers written before they
+        existed keep working (and decode greedily, as then).
+        """
         skip = gr.skip()
         try:
-            _check_input(prompt, k_min, k_max)
+            sampling = _sampling(temperature, top_p, top_k, seed)
+            _check_input(prompt, k_min, k_max, mode, **sampling)
             yield ("loading model…", skip, "", None, "", None, gr.Slider(value=0, maximum=1), None)
             loaded, lock = self._load(model, backend)
             run = Run.start(loaded, lock, prompt, bool(chat), mode, max_new_tokens=int(max_new_tokens),
-                            threshold=float(threshold), k_min=int(k_min), k_max=int(k_max))
+                            threshold=float(threshold), k_min=int(k_min), k_max=int(k_max), **sampling)
         except FluidError as exc:
-            yield (f"error: {exc}",) + (skip,) * 7
-            raise _fail(str(exc)) from None
+            yield (f"error: {_clean_error(exc)}",) + (skip,) * 7
+            raise _fail(_clean_error(exc)) from None
+        with self.activity:
+            yield from self._watch(run, loaded, mode, float(slow_ms), {"model": model, "backend": backend})
+
+    def _watch(self, run: Run, loaded: Any, mode: str, slow_ms: float, source: dict[str, str]) -> Iterator[tuple]:
+        """The decode loop of :meth:`generate`, page updates throttled."""
+        skip = gr.skip()
         token_text = TokenText(loaded.tokenizer)
         view = run.view
-        status = f"decoding with {mode} on {loaded.backend.name} ({getattr(loaded.backend, 'device', '')})"
+        sampling = run.sampling
+        status = (f"decoding with {mode} on {loaded.backend.name} ({getattr(loaded.backend, 'device', '')}), "
+                  f"{sampling_text(sampling)}")
         last_update = last_plot = 0.0
         while not run.done:
             try:
                 run.step()
             except FluidError as exc:
-                yield (f"error: {exc}",) + (skip,) * 7
-                raise _fail(str(exc)) from None
+                yield (f"error: {_clean_error(exc)}",) + (skip,) * 7
+                raise _fail(_clean_error(exc)) from None
             now = time.perf_counter()
             if run.done or not view.frames:
                 continue
             if slow_ms > 0:
-                time.sleep(float(slow_ms) / 1000.0)
+                time.sleep(slow_ms / 1000.0)
             elif now - last_update < UPDATE_INTERVAL_S and view.committed:
                 continue
             last_update = now
             plot = skip
             if view.points and now - last_plot >= PLOT_INTERVAL_S:  # an empty first frame breaks the chart
                 plot, last_plot = plot_data(view.points), now
-            yield (status, slots_html(view.frames[-1], token_text, view.horizons),
+            yield (self._busy(status), slots_html(view.frames[-1], token_text, view.horizons),
                    loaded.decode(view.committed), plot, stats_text(view, run.busy), skip, skip, skip)
         result = run.generation.to_dict()
         result["seconds_compute"] = round(run.busy, 4)
-        replay = {"key": self.cache.key(model, backend), "view": view}
+        if sampling:
+            result["sampling"] = sampling  # with the seed drawn for an empty Seed box: enough to repeat it
+        replay = {**source, "view": view}  # gr.State lives on the server: the visitor never sees it
         frames = len(view.frames)
-        yield (f"done: {stats_text(view, run.busy)}", slots_html(view.frames[-1], token_text, view.horizons),
+        yield (f"done: {stats_text(view, run.busy)} · {sampling_text(sampling)}",
+               slots_html(view.frames[-1], token_text, view.horizons),
                run.generation.text, plot_data(view.points), stats_text(view, run.busy), result,
                gr.Slider(minimum=0, maximum=max(frames - 1, 1), value=frames - 1, step=1, interactive=True),
                replay)
@@ -114,27 +208,36 @@ class DemoApp:
             return gr.skip(), gr.skip(), gr.skip()
         view: LiveView = replay["view"]
         frame = view.frames[max(0, min(int(index), len(view.frames) - 1))]
-        loaded, _ = self.cache.get(*replay["key"])
+        loaded, _ = self._load(replay["model"], replay["backend"])
         html = slots_html(frame, TokenText(loaded.tokenizer), view.horizons,
                           title=f"replay: frame {int(index) + 1} of {len(view.frames)}")
         return html, loaded.decode(view.committed[: frame.committed]), plot_data(view.points[: frame.points])
 
     def race(self, prompt: str, model: str, backend: str, chat: bool, max_new_tokens: float,
-             threshold: float, k_min: float, k_max: float) -> Iterator[tuple]:
-        """AR and FLUID on the same prompt, interleaved (see :mod:`fluid_app.ui.runner`)."""
+             threshold: float, k_min: float, k_max: float, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: float | None = 0, seed: float | None = RANDOM_SEED) -> Iterator[tuple]:
+        """AR and FLUID on the same prompt, interleaved (see :mod:`fluid_app.ui.runner`), with
+        the same seed when sampling (sampling parameters last, as in :meth:`generate`)."""
         skip = gr.skip()
         outputs = 8
         try:
-            _check_input(prompt, k_min, k_max)
+            sampling = _sampling(temperature, top_p, top_k, seed)  # one seed, drawn once, for both
+            _check_input(prompt, k_min, k_max, "fluid", **sampling)
             yield ("loading model…",) + (skip,) * (outputs - 1)
             loaded, lock = self._load(model, backend)
             options = dict(max_new_tokens=int(max_new_tokens), threshold=float(threshold),
-                           k_min=int(k_min), k_max=int(k_max))
+                           k_min=int(k_min), k_max=int(k_max), **sampling)
             ar = Run.start(loaded, lock, prompt, bool(chat), "ar", **options)
             fluid = Run.start(loaded, lock, prompt, bool(chat), "fluid", **options)
         except FluidError as exc:
-            yield (f"error: {exc}",) + (skip,) * (outputs - 1)
-            raise _fail(str(exc)) from None
+            yield (f"error: {_clean_error(exc)}",) + (skip,) * (outputs - 1)
+            raise _fail(_clean_error(exc)) from None
+        with self.activity:
+            yield from self._race(ar, fluid, loaded)
+
+    def _race(self, ar: Run, fluid: Run, loaded: Any) -> Iterator[tuple]:
+        """The stepping loop of :meth:`race`, page updates throttled."""
+        skip = gr.skip()
         token_text = TokenText(loaded.tokenizer)
         last_update = 0.0
 
@@ -145,45 +248,65 @@ class DemoApp:
                                fluid.view.horizons),
                     loaded.decode(fluid.view.committed), stats_text(fluid.view, fluid.busy))
 
-        status = "racing: AR and FLUID interleaved on one thread, each step given to the one behind in compute time"
+        status = ("racing: AR and FLUID interleaved on one thread, each step given to the one behind in compute time, "
+                  + sampling_text(fluid.sampling))
         for _ in race(ar, fluid):
             now = time.perf_counter()
             if now - last_update >= UPDATE_INTERVAL_S:
                 last_update = now
-                yield (status,) + panels() + (skip,)
-        result = verdict(ar, fluid)
-        same = "identical outputs (lossless)" if result["identical"] else "outputs DIFFER (not lossless: a bug)"
-        summary = (f"**FLUID {result['speedup']:.2f}× AR** ({result['fluid_tokens_per_s']:.1f} vs "
-                   f"{result['ar_tokens_per_s']:.1f} tokens/s; {result['fluid_tokens_per_forward']:.2f} vs "
-                   f"{result['ar_tokens_per_forward']:.2f} tokens/forward) · {same}")
-        yield ("done",) + panels() + (summary,)
+                yield (self._busy(status),) + panels() + (skip,)
+        yield ("done",) + panels() + (race_summary(verdict(ar, fluid)),)
 
     # -- page ------------------------------------------------------------------------------
+    def _model_control(self) -> gr.Dropdown:
+        """The Model list. With an allow-list it is read-only, and Gradio itself turns away a
+        value sent to the API that is not listed, before any handler runs and with the same
+        words for every such value (:meth:`_load` checks again, for the replay and in case);
+        with ``allow_any`` it also takes typed text."""
+        if self.models.allow_any:
+            return gr.Dropdown(self.models.names, value=self.models.default, allow_custom_value=True,
+                               filterable=True, elem_id="fluid-model",
+                               label="Model (pick, or type 'default', a folder on this machine or a cached Hub id)")
+        return gr.Dropdown(self.models.names, value=self.models.default, allow_custom_value=False, filterable=False,
+                           elem_id="fluid-model", label="Model (the models this demo serves)")
+
     def build(self) -> gr.Blocks:
         d = self.defaults
         with gr.Blocks(title="FLUID demo", analytics_enabled=False) as demo:
             gr.Markdown("# FLUID: lossless parallel decoding, live\n"
                         "Each block of *k* slots starts as masks, is drafted in parallel, and is "
-                        "verified against greedy AR: the output is exactly what AR would write, "
-                        "in fewer forwards.")
+                        "verified against the model's own next-token choice, in fewer forwards: at "
+                        "temperature 0 the output is exactly what greedy AR would write; above 0 it "
+                        "follows the model's sampling distribution exactly (not AR's draws token for token).")
             with gr.Row():
                 with gr.Column(scale=2):
                     prompt = gr.Textbox(label="Prompt", lines=3, value=EXAMPLES[0], elem_id="fluid-prompt")
                     gr.Examples(EXAMPLES, inputs=prompt)
                 with gr.Column(scale=1):
                     chat = gr.Checkbox(label="Chat (wrap in the chat template)", value=True)
-                    max_new = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens", elem_id="fluid-max-new")
-                    slow = gr.Slider(0, 1000, value=0, step=10, label="Slow motion (ms per view update)",
-                                     elem_id="fluid-slow")
+                    max_new = named_slider(1, 1024, value=DecodeSettings.max_new_tokens, step=1,
+                                          label="Max new tokens", elem_id="fluid-max-new")
+                    slow = named_slider(0, 1000, value=0, step=10, label="Slow motion (ms per view update)",
+                                       elem_id="fluid-slow")
             with gr.Accordion("Model and sampler settings", open=False):
                 with gr.Row():
-                    model = gr.Textbox(label="Model ('default', a local folder, or a Hub id in the cache)",
-                                       value=self.default_model, elem_id="fluid-model")
-                    backend = gr.Dropdown(["auto", "torch", "mlx"], value=self.default_backend, label="Backend")
+                    model = self._model_control()
+                    backend = gr.Dropdown(list(BACKENDS), value=self.default_backend, label="Backend")
                 with gr.Row():
-                    threshold = gr.Slider(0.05, 1.0, value=d["threshold"], step=0.01, label="Threshold")
-                    k_min = gr.Slider(1, 64, value=d["k_min"], step=1, label="k_min", elem_id="fluid-kmin")
-                    k_max = gr.Slider(1, 64, value=d["k_max"], step=1, label="k_max", elem_id="fluid-kmax")
+                    threshold = named_slider(0.05, 1.0, value=d["threshold"], step=0.01, label="Threshold")
+                    k_min = named_slider(1, 64, value=d["k_min"], step=1, label="k_min", elem_id="fluid-kmin")
+                    k_max = named_slider(1, 64, value=d["k_max"], step=1, label="k_max", elem_id="fluid-kmax")
+                with gr.Row():
+                    temperature = named_slider(0, 2, value=DecodeSettings.temperature, step=0.05, label="Temperature",
+                                              info="0: greedy (AR's exact text); above 0: sample",
+                                              elem_id="fluid-temperature")
+                    top_p = named_slider(0.01, 1, value=DecodeSettings.top_p, step=0.01, label="Top-p",
+                                        info="nucleus filter when sampling; 1: off", elem_id="fluid-top-p")
+                    top_k = gr.Number(value=DecodeSettings.top_k, precision=0, label="Top-k",
+                                      info="keep the k likeliest tokens when sampling; 0: off", elem_id="fluid-top-k")
+                    seed = gr.Number(value=RANDOM_SEED, precision=0, label="Seed",
+                                     info="same seed, same text; -1 or empty: a new one each run",
+                                     elem_id="fluid-seed")
             status = gr.Textbox(label="Status", interactive=False, elem_id="fluid-status")
             with gr.Tabs():
                 with gr.Tab("Live"):
@@ -220,13 +343,15 @@ class DemoApp:
                             fl_stats = gr.Textbox(label="FLUID", interactive=False)
 
             gen_event = go.click(
-                self.generate, [prompt, model, backend, chat, mode, max_new, threshold, k_min, k_max, slow],
+                self.generate, [prompt, model, backend, chat, mode, max_new, threshold, k_min, k_max, slow,
+                                temperature, top_p, top_k, seed],
                 [status, live, text, plot, stats, result, replay_at, replay_state], api_name="generate",
                 concurrency_id="decode", concurrency_limit=self.concurrency, show_progress="hidden")
             replay_at.input(self.replay, [replay_at, replay_state], [live, text, plot], api_name=False,
                             show_progress="hidden")
             race_event = race_go.click(
-                self.race, [prompt, model, backend, chat, max_new, threshold, k_min, k_max],
+                self.race, [prompt, model, backend, chat, max_new, threshold, k_min, k_max,
+                            temperature, top_p, top_k, seed],
                 [status, ar_html, ar_text, ar_stats, fl_html, fl_text, fl_stats, summary], api_name="race",
                 concurrency_id="decode", concurrency_limit=self.concurrency, show_progress="hidden")
             for button in (stop, race_stop):
@@ -251,17 +376,49 @@ def theme() -> gr.themes.Base:
                              font_mono=["ui-monospace", "monospace"])
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (names other than localhost are
+    not looked up: a name that resolves elsewhere would not be)."""
+    host = (host or "").strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, share: bool, allow_any_model: bool) -> None:
+    """Refuse a free-text model choice on a page others can reach: it would let any visitor
+    load (and so probe) any path the server can read."""
+    if not allow_any_model:
+        return
+    why = ("a free-text model choice lets every visitor load any file this machine can read; serve it on "
+           "127.0.0.1 without a share link, or list the models to serve instead")
+    if share:
+        raise FluidError(why, "allow_any_model", "share")
+    if not is_loopback(host):
+        raise FluidError(why, "allow_any_model", "host")
+
+
 def launch(model: str = "default", backend: str = "auto", host: str = "127.0.0.1", port: int | None = None,
-           share: bool = False, concurrency: int = 1, block: bool = True, preload: bool = True):
+           share: bool = False, concurrency: int = 1, block: bool = True, preload: bool = True, *,
+           allow_models: Sequence[str] = (), allow_any_model: bool = False,
+           auth: Sequence[tuple[str, str]] | None = None, max_models: int = 3):
     """Load ``model`` (so a bad ``--model`` fails before the server starts) and serve the page.
 
+    Visitors may pick ``model`` and the ``allow_models`` (checked here, so a typo fails now),
+    or with ``allow_any_model`` name any model (loopback only, see :func:`check_exposure`).
+    ``auth`` is a list of ``(user, password)`` for Gradio's login page.
     Returns ``(blocks, url)``; with ``block=False`` the server runs in a background thread.
     """
     import sys
 
     from backends import pick_backend
 
-    cache = ModelCache()
+    check_exposure(host, share, allow_any_model)
+    models = ModelChoices([model, *allow_models], allow_any=allow_any_model)
+    cache = ModelCache(max_models=max_models)
     defaults: dict[str, Any] = {}
     if preload:
         chosen, reason = pick_backend(backend)
@@ -270,9 +427,12 @@ def launch(model: str = "default", backend: str = "auto", host: str = "127.0.0.1
         warm_up(loaded)
         c = loaded.config
         defaults = {"threshold": c.threshold, "k_min": c.k_min, "k_max": c.k_max}
-    demo = DemoApp(cache, model, backend, defaults, concurrency).build()
+    demo = DemoApp(cache, model, backend, defaults, concurrency, models=models).build()
     _, url, share_url = demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
-                                    theme=theme(), ssr_mode=False, quiet=False, show_error=False)
+                                    theme=theme(), ssr_mode=False, quiet=False, show_error=False,
+                                    auth=list(auth) if auth else None,
+                                    auth_message="Log in with the user name and password this demo was started with."
+                                    if auth else None)
     if block:
         try:
             demo.block_thread()

@@ -11,9 +11,10 @@ Slot states (the legend in the page explains the colours):
 * ``draft``: a drafted token, shaded by its confidence;
 * ``exact``: a token the causal pass produced exactly (the block's anchor, or the token
   after an accepted run that filled a masked slot);
-* ``accepted``: a draft that verification found equal to greedy AR;
-* ``corrected``: the causal token that replaced the first wrong draft (which is shown struck
-  through);
+* ``accepted``: a draft that verification kept (equal to greedy AR; when sampling, kept by
+  the lossless accept/reject test);
+* ``corrected``: the causal token that replaced the first wrong (or, sampling, rejected)
+  draft, which is shown struck through;
 * ``bonus``: the extra exact token FLUID gets when every draft in the window matched;
 * ``discarded``: drafts after a rejection, thrown away and re-drafted.
 """
@@ -78,7 +79,6 @@ class LiveView:
     _commits: int = 0
     _accepted: int = 0
     _verified: bool = False
-    _recommit_pending: bool = False
     _forwards_at_commit: int = 0
 
     @property
@@ -101,6 +101,7 @@ class LiveView:
                    Commit: self._commit, Finished: self._finished}.get(type(event))
         if handler is None:
             return False
+        self.forwards = event.forwards  # the sampler counts; the view only shows
         note = handler(event)
         self.frames.append(Frame(tuple(self.slots), self.k, len(self.horizons), len(self.committed),
                                  self.forwards, len(self.points), note, self.finished))
@@ -108,9 +109,6 @@ class LiveView:
 
     # -- event handlers: each updates the state and returns the frame's caption --------------
     def _block_start(self, ev: BlockStart) -> str:
-        if self._recommit_pending:  # the reference sampler re-commits a correction in its own forward
-            self.forwards += 1
-            self._recommit_pending = False
         self.horizons.append(ev.k)
         if self.mode == "fluid":  # the window starts with the last exact token, then masks
             anchor = self.committed[-1] if self.committed else None
@@ -120,8 +118,6 @@ class LiveView:
         return f"block {len(self.horizons)}: horizon k = {ev.k}"
 
     def _draft(self, ev: Draft) -> str:
-        if self.mode == "reference":
-            self.forwards += 1
         slots = []
         for i, token in enumerate(ev.slots):
             conf = float(ev.confidences[i]) if i < len(ev.confidences) else 0.0
@@ -138,9 +134,6 @@ class LiveView:
         return f"drafted {drafted} of {len(slots) - 1} slots; the next forward verifies them"
 
     def _verify(self, ev: Verify) -> str:
-        self.forwards += 1  # verification is a forward of its own (reference) or the fused one
-        if self.mode == "reference":
-            self._recommit_pending = ev.correction is not None
         offset = 1 if self.mode == "fluid" else 0
         self._accepted = ev.accepted
         self._verified = True
@@ -159,10 +152,8 @@ class LiveView:
 
     def _commit(self, ev: Commit) -> str:
         self._commits += 1
-        first = self._commits == 1 and self.mode != "reference"  # from the prefill forward
+        first = ev.forwards == 0  # the token from the prefill forward
         verified, self._verified = self._verified, False
-        if self.mode != "reference" and not first and not verified:
-            self.forwards += 1  # a one-token window: no Verify event, the forward shows up here
         self.committed.extend(int(t) for t in ev.tokens)
         if self.mode == "ar" or (self.mode == "fluid" and not verified):  # a window of one token
             self.slots = [Slot(int(t), "exact", 1.0) for t in ev.tokens]
@@ -190,7 +181,6 @@ class LiveView:
 
     def _finished(self, ev: Finished) -> str:
         self.finish_reason = ev.reason
-        self._recommit_pending = False
         return f"finished ({ev.reason}): {len(self.committed)} tokens in {self.forwards} forwards"
 
 
@@ -265,6 +255,42 @@ def plot_data(points: Sequence[dict[str, float]]):
     frame = pd.DataFrame(rows, columns=["forward", "value", "series"])
     # typed even when empty: the plot fixes its axis types from the first frame it gets
     return frame.astype({"forward": "int64", "value": "float64", "series": "str"})
+
+
+def sampling_text(sampling: dict[str, Any] | None) -> str:
+    """How a decode picked its tokens, e.g. ``temperature 0.8, top-p 0.95, seed 7``
+    (filters that are off are left out); ``greedy`` without sampling."""
+    if not sampling:
+        return "greedy"
+    parts = [f"temperature {sampling['temperature']:g}"]
+    if sampling.get("top_p", 1.0) < 1.0:
+        parts.append(f"top-p {sampling['top_p']:g}")
+    if sampling.get("top_k", 0):
+        parts.append(f"top-k {sampling['top_k']}")
+    if sampling.get("seed") is not None:
+        parts.append(f"seed {sampling['seed']}")
+    return ", ".join(parts)
+
+
+def race_summary(result: dict[str, Any]) -> str:
+    """The race's verdict line (Markdown) from :func:`~fluid_app.ui.runner.verdict`.
+
+    Greedy, FLUID must write AR's text token for token, so the line says whether it did (a
+    difference is a bug). Sampled, the two follow the same distribution but not the same
+    draws, so comparing texts proves nothing: the line reports the speeds and says why the
+    texts differ, and never claims them identical.
+    """
+    speeds = (f"**FLUID {result['speedup']:.2f}× AR** · FLUID {result['fluid_tokens_per_s']:.1f} tokens/s, "
+              f"TPF {result['fluid_tokens_per_forward']:.2f} · AR {result['ar_tokens_per_s']:.1f} tokens/s, "
+              f"TPF {result['ar_tokens_per_forward']:.2f}")
+    if result.get("sampling"):
+        how = (f"sampled ({sampling_text(result['sampling'])}): FLUID and AR each follow the model's "
+               "distribution; their texts can differ by design (lossless in distribution, not token for token)")
+    elif result["identical"]:
+        how = "identical outputs (lossless)"
+    else:
+        how = "outputs DIFFER (not lossless: a bug)"
+    return f"{speeds} · {how}"
 
 
 def stats_text(view: LiveView, seconds: float) -> str:
