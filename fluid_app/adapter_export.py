@@ -28,7 +28,7 @@ def export_adapter(spec: ModelSpec, out: str | Path, *, dtype: str = "float32", 
     if spec.fluid is None:
         raise FluidError(f"{spec.label} is not a FLUID checkpoint (no {CONFIG_FILENAME}); nothing to export")
     if dtype not in DTYPES:
-        raise FluidError(f"--dtype {dtype} is not supported for an adapter export; use {' or '.join(DTYPES)}")
+        raise FluidError(f"dtype {dtype} is not supported for an adapter export; use {' or '.join(DTYPES)}", "dtype")
     if spec.adapter is None and spec.fluid == spec.base:
         raise FluidError(f"{spec.label} holds full (merged) weights, not a LoRA adapter; export it with merge "
                          "to write a merged folder", "merge")

@@ -95,7 +95,7 @@ def check_horizons(horizons: Sequence[str]) -> list[str]:
     """The horizon policies to run, or a one-line error naming the accepted ones."""
     unknown = [h for h in horizons if h not in HORIZONS]
     if unknown or not horizons:
-        raise FluidError(f"unknown --horizons value {(unknown or [''])[0]!r}; use a comma-separated list of "
+        raise FluidError(f"unknown horizon policy {(unknown or [''])[0]!r}; use a comma-separated list of "
                          f"{', '.join(HORIZONS)}")
     return list(horizons)
 

@@ -18,12 +18,12 @@ def check_plot_path(path: str | Path) -> Path:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise FluidError("--plot needs matplotlib; pip install matplotlib (or fluid-app[plot])")
+        raise FluidError("the plot needs matplotlib; pip install matplotlib (or fluid-app[plot])", "plot")
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise FluidError(f"--plot writes a PNG; pass a file name ending in .png (got {path.name})")
+        raise FluidError(f"the plot is a PNG; pass a file name ending in .png (got {path.name})", "plot")
     if not path.parent.exists():
-        raise FluidError(f"folder {path.parent} does not exist; create it or pass another --plot path")
+        raise FluidError(f"folder {path.parent} does not exist; create it or pass another plot path", "plot")
     return path
 
 

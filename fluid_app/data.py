@@ -218,7 +218,7 @@ def read_conversations(source: str, *, holdout: float = 0.0, split: str = "train
     The source is streamed twice (count, then read) so only the kept conversations are held.
     """
     if not 0.0 <= holdout < 1.0:
-        raise FluidError(f"--holdout must be in [0, 1) (got {holdout}); e.g. 0.02 keeps the last 2% out")
+        raise FluidError(f"holdout must be in [0, 1) (got {holdout}); e.g. 0.02 keeps the last 2% out", "holdout")
     if split not in ("train", "heldout"):
         raise FluidError(f"unknown split {split!r}; use train or heldout")
     total = sum(1 for _ in iter_records(source)) if holdout else None  # first pass: count only

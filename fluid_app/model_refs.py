@@ -60,11 +60,15 @@ class ModelSpec:
         return None
 
 
-def resolve_model(reference: str | Path) -> ModelSpec:
-    """Resolve a model reference or raise a one-line :class:`FluidError` naming the fix."""
+def resolve_model(reference: str | Path, _through: tuple[Path, ...] = ()) -> ModelSpec:
+    """Resolve a model reference or raise a one-line :class:`FluidError` naming the fix.
+
+    ``_through``: the checkpoint folders whose ``base_model`` led here, so that a chain of
+    base models that loops back (a checkpoint naming itself) is an error, not a recursion.
+    """
     text = str(reference).strip()
     if not text:
-        raise FluidError("no model given; pass --model default, a folder, a .gguf file or a Hub id")
+        raise FluidError("no model given; pass 'default', a folder, a .gguf file or a Hub id", "model")
     if text == "default":
         if (DEFAULT_MODEL_DIR / CONFIG_FILENAME).exists():
             return _resolve_folder(DEFAULT_MODEL_DIR, "default")
@@ -77,15 +81,15 @@ def resolve_model(reference: str | Path) -> ModelSpec:
             raise FluidError(f"{path} is a file but not a .gguf model; pass a model folder or a .gguf file")
         return ModelSpec(text, path.resolve())
     if path.is_dir():
-        return _resolve_folder(path.resolve(), text)
+        return _resolve_folder(path.resolve(), text, _through)
     if is_hub_id(text):
-        return _resolve_folder(_hub_snapshot(text), text)
+        return _resolve_folder(_hub_snapshot(text), text, _through)
     raise FluidError(
         f"model {text!r} not found: pass 'default', an existing folder, a .gguf file or a Hub id"
     )
 
 
-def _resolve_folder(folder: Path, label: str) -> ModelSpec:
+def _resolve_folder(folder: Path, label: str, through: tuple[Path, ...] = ()) -> ModelSpec:
     has_fluid = (folder / CONFIG_FILENAME).exists()
     if (folder / "config.json").exists():
         return ModelSpec(label, folder, fluid=folder if has_fluid else None)
@@ -93,7 +97,10 @@ def _resolve_folder(folder: Path, label: str) -> ModelSpec:
         config = FluidConfig.load(folder)
         if not config.base_model:
             raise FluidError(f"{folder / CONFIG_FILENAME} names no base_model; re-export the checkpoint")
-        base = resolve_model(config.base_model)
+        if folder in through:
+            raise FluidError(f"{through[0] / CONFIG_FILENAME} names a base_model that leads back to {folder}; "
+                             "set base_model to the base model it was trained on", "model")
+        base = resolve_model(config.base_model, (*through, folder))
         adapter = folder if (folder / ADAPTER_CONFIG).exists() else None
         if adapter is None and (folder / K_HEAD_FILENAME).exists():
             # a K-head calibrated on an unchanged base (``fluid train stage2`` on a plain model)

@@ -74,7 +74,7 @@ def test_bench_runs_fixed_horizons_and_draws_the_plot(tiny_model_dir, tmp_path):
 
 def test_bench_rejects_a_bad_plot_path_or_horizon_before_loading():
     for extra, needle in ((["--plot", "out.txt"], "ending in .png"), (["--plot", "/no/such/dir/x.png"], "does not exist"),
-                          (["--horizons", "k-head,longest"], "unknown --horizons value 'longest'")):
+                          (["--horizons", "k-head,longest"], "unknown horizon policy 'longest'")):
         proc = run_cli("bench", "--model", "/no/such/model", "--prompts", "benchmarks/sharegpt_heldout_10.jsonl", *extra)
         assert_one_line_error(proc, needle)
 

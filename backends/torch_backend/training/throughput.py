@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from fluid_app.fluid_config import FluidConfig
 from fluid_app.layout import build_layout
 
 from .collate import collate
@@ -54,8 +55,8 @@ def _time(step, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - started) / steps
 
 
-def measure(*, tiny: bool = False, seq_len: int = 1024, k_max: int = 16, batch_size: int = 1, steps: int = 10,
-            warmup: int = 3, checkpointing: bool = True, seed: int = 0) -> dict:
+def measure(*, tiny: bool = False, seq_len: int = 1024, k_max: int = FluidConfig.k_max, batch_size: int = 1,
+            steps: int = 10, warmup: int = 3, checkpointing: bool = True, seed: int = 0) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     params = TINY if tiny else LLAMA_1B
     if tiny:
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="toy model (CPU smoke test)")
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--k-max", type=int, default=16)
+    parser.add_argument("--k-max", type=int, default=FluidConfig.k_max)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
