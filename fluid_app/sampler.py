@@ -254,8 +254,8 @@ class Decoder:
             out = session.forward(feed)
             keep = [0] * len(windows)
             for b, window in enumerate(windows):
-                if window.active:
-                    keep[b] = yield from self._verify(b, window, feed[b], out, mask)
+                if window.active:  # a row reads only its own window, never the batch's padding
+                    keep[b] = yield from self._verify(b, window, feed[b, : 1 + len(window.slots)], out, mask)
             session.commit(keep)
 
     def _window_size(self, out: StepOutput, row: int, index: int) -> int:
@@ -299,17 +299,17 @@ class Decoder:
         # Outputs past the first exact token are drafts only if that slot was fed as a MASK;
         # after a wrong token they are conditioned on it, so start afresh.
         start = accepted + 1 if correction is None else width
-        yield from self._draft(b, window, out, start)
+        yield from self._draft(b, window, out, start, width)
         return accepted + 1
 
-    def _draft(self, b: int, window: _Window, out: StepOutput, start: int) -> Iterator[Event]:
-        """Fill the next window's ``k - 1`` slots from the mask outputs at ``start..``: the first
+    def _draft(self, b: int, window: _Window, out: StepOutput, start: int, stop: int) -> Iterator[Event]:
+        """Fill the next window's ``k - 1`` slots from the mask outputs at ``start:stop``: the first
         draft always, later ones when confident; prompt lookup when the first is unsure; masks
         for the block after a full one. Sampling draws each kept mask draft from its own warped
         distribution (its proposal ``q``); which slots are kept is decided first, from the
         logits alone, so the proposal is exactly what the draft was drawn from."""
         s, result = self.settings, self.results[b]
-        confidences = [float(c) for c in out.confidence[b, start:]]
+        confidences = [float(c) for c in out.confidence[b, start:stop]]
         kept: list[bool] = [i < len(confidences) and (i == 0 or is_confident(confidences[i], s.threshold))
                             for i in range(window.k - 1)]
         slot_conf = [confidences[i] if i < len(confidences) else 0.0 for i in range(window.k - 1)]

@@ -1,10 +1,10 @@
 """Sampled decoding through the real sampler keeps the target model's distribution exactly.
 
 A toy backend with real next-token distributions (``SamplingToyLM``) lets the exact AR
-sampling distribution of the first three tokens be enumerated; 20,000 seeded ``fluid``
-decodes (one seed per row) must match it within bounds a correct sampler breaks with
-probability below 1e-6 (``distribution_checks``), with mask drafts, with prompt-lookup
-drafts and with both. The same harness with a deliberately wrong proposal ``q`` fails, so
+sampling distribution of the first tokens be enumerated; 20,000 seeded ``fluid`` decodes (one
+seed per row) must match the joint of the 3rd to 5th tokens (the first ones drafts reach)
+within bounds a correct sampler breaks with probability below 1e-6 (``distribution_checks``),
+with mask drafts, with prompt-lookup drafts and with both. The same harness with a deliberately wrong proposal ``q`` fails, so
 the test has the power to catch a biased rule.
 """
 
@@ -20,17 +20,24 @@ from fluid_app.sampler import Decoder, DecodeSettings
 from fluid_app.warping import warp
 
 TRIALS = 20_000
-LENGTH = 3  # tokens whose joint distribution is checked
-DECODED = 8  # tokens decoded: the first LENGTH of a longer decode follow the same AR joint
+# The checked tokens: the 3rd to the 5th. The first two never meet a draft (the first comes
+# from the prefill, the second from a window of masks only), so checking them would not test
+# the accept/reject rule; from the 3rd on, each token comes through verified drafts.
+CHECKED = slice(2, 5)
+DECODED = 8  # tokens decoded; the checked ones follow the AR joint marginal whatever comes after
 PROMPT = [3, 4, 5, 3, 4]  # "3 4" recurs, so prompt lookup finds drafts
 SAMPLING = dict(temperature=0.8, top_p=0.95)
 
 
 def joint(lm: SamplingToyLM, **sampling) -> tuple[list[tuple[int, ...]], np.ndarray]:
-    exact = lm.ar_distribution(PROMPT, LENGTH, lambda logits: warp(logits, sampling["temperature"], 0,
-                                                                    sampling.get("top_p", 1.0)))
-    cells = sorted(exact)
-    return cells, np.array([exact[c] for c in cells])
+    """The exact AR distribution of the checked tokens (enumerated, then marginalised)."""
+    exact = lm.ar_distribution(PROMPT, CHECKED.stop, lambda logits: warp(logits, sampling["temperature"], 0,
+                                                                         sampling.get("top_p", 1.0)))
+    marginal: dict[tuple[int, ...], float] = {}
+    for sequence, mass in exact.items():
+        marginal[sequence[CHECKED]] = marginal.get(sequence[CHECKED], 0.0) + mass
+    cells = sorted(marginal)
+    return cells, np.array([marginal[c] for c in cells])
 
 
 def decode_counts(lm, cells, decoder_class=Decoder, batch: int = 2000, **settings) -> tuple[np.ndarray, Decoder]:
@@ -41,7 +48,7 @@ def decode_counts(lm, cells, decoder_class=Decoder, batch: int = 2000, **setting
         decoder = decoder_class(lm, [PROMPT] * batch, DecodeSettings(max_new_tokens=DECODED, seed=seeds,
                                                                      **SAMPLING, **settings))
         for result in decoder.run():
-            counts[index[tuple(result.token_ids[:LENGTH])]] += 1
+            counts[index[tuple(result.token_ids[CHECKED])]] += 1
     return counts, decoder
 
 

@@ -142,7 +142,7 @@ class SamplingToyLM(ToyLM):
         for i in range(start, len(tokens)):
             logits = self.target_logits(imputed[: i + 1])
             if MASK in tokens[: i + 1]:
-                logits = logits + self._vector(19, (i - len(tokens), *imputed[: i + 1][-3:]), self.draft_noise)
+                logits = logits + self._vector(19, (i, *imputed[: i + 1][-3:]), self.draft_noise)
             rows.append(logits)
         logits = np.array([rows])
         probs = np.exp(logits - logits.max(-1, keepdims=True))
