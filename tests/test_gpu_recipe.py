@@ -49,6 +49,11 @@ def test_toy_run_goes_from_prompts_to_an_exported_lossless_model(toy_run, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["fluid-gpu-model.tar.gz", "gpu-toy.log",
                                                       "selfdistill.jsonl.gz", "summary.json"]
     assert all(p.stat().st_size < 16 << 20 for p in out.iterdir())
+    # the shipped gguf carries its version: transformers refuses a GGUF reader whose version reads 'N/A'
+    import importlib.metadata
+
+    shipped = [d.version for d in importlib.metadata.distributions(path=[str(toy_run / "upload" / "two" / "site")])]
+    assert shipped == [importlib.metadata.version("gguf")]
     # the prompts shipped are those fluid distill would use, and every one got a reply
     base = toy_run / "source" / "tiny-llama"
     expected = list(first_user_prompts(read_conversations(str(toy_run / "source" / "chat.jsonl"), holdout=0.02),

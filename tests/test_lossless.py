@@ -27,7 +27,9 @@ SETTINGS = [
 
 
 def hf_greedy(model: fluid_app.FluidModel, ids: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
-    out = model.backend.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    device = model.backend.model.device
+    out = model.backend.model.generate(torch.tensor([ids], device=device),
+                                       attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                                        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(eos),
                                        pad_token_id=sorted(eos)[0])
     return out[0, len(ids):].tolist()
@@ -52,6 +54,17 @@ def check_lossless(model: fluid_app.FluidModel, prompts: list[str], max_new_toke
 def test_fluid_and_reference_equal_transformers_generate(tiny_model_dir, arch):
     model = fluid_app.load(str(tiny_model_dir(arch)), backend="torch", device="cpu")
     check_lossless(model, PROMPTS, max_new_tokens=23)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lossless_on_cuda(tiny_model_dir, arch):
+    """The same exactness on a GPU: the KV-cache crop, the masks and the batch padding on CUDA tensors."""
+    model = fluid_app.load(str(tiny_model_dir(arch)), backend="torch", device="cuda")
+    check_lossless(model, PROMPTS[:9], max_new_tokens=23)
+    first = model.generate(PROMPTS[0], mode="fluid", max_new_tokens=16, do_sample=True, temperature=0.8, seed=3)
+    again = model.generate(PROMPTS[:3], mode="fluid", max_new_tokens=16, do_sample=True, temperature=0.8, seed=3)
+    assert again[0].token_ids == first.token_ids
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

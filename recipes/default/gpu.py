@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -218,6 +219,10 @@ def prepare(upload: Path, settings: Settings, *, source: str, toy_model: Path | 
             fail(f"the {name} package must be installed here to be shipped: pip install {name}")
         shutil.copytree(list(found.submodule_search_locations)[0], two / SITE / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # its metadata too: transformers reads the package's version and refuses 'N/A'
+        info = importlib.metadata.distribution(name)
+        shutil.copytree(Path(info._path), two / SITE / Path(info._path).name,  # type: ignore[attr-defined]
+                        ignore=shutil.ignore_patterns("RECORD", "INSTALLER", "REQUESTED"))
     size = base_file.stat().st_size
     balanced = (size + _size(two) - _size(one)) // 2  # even the two uploads out
     base = split_file(base_file, (one, two), min(max(balanced, size // 4), size - size // 4))
