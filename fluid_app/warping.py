@@ -82,29 +82,56 @@ def warp(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 
     if top_k and top_k < vocab:  # top_k >= 1 here, so min_tokens_to_keep=1 holds already
         kth = np.partition(x, vocab - top_k, axis=-1)[..., vocab - top_k, None]
         x[x < kth] = -np.inf
-    if top_p < 1:
-        x[_below_top_p(x, float(top_p))] = -np.inf
     x -= np.max(x, axis=-1, keepdims=True)
-    probs = np.exp(x)
+    probs = np.exp(x)  # computed once: the nucleus below reads it too
+    if top_p < 1:
+        probs[x < _smallest_kept(x, probs, float(top_p))] = 0.0
     probs /= probs.sum(axis=-1, keepdims=True)
     return probs
 
 
-def _below_top_p(x: np.ndarray, top_p: float) -> np.ndarray:
-    """Mask of tokens outside the nucleus of scaled, top-k filtered logits ``x``.
+NUCLEUS_CANDIDATES = 1024  # the nucleus is first sought among this many largest logits
+
+
+def _smallest_kept(x: np.ndarray, shifted: np.ndarray, top_p: float) -> np.ndarray:
+    """Per row, the smallest logit inside the nucleus of scaled, top-k filtered logits ``x``
+    (shifted so each row's maximum is 0; ``shifted`` is ``exp(x)``).
 
     As HF: sort ascending, accumulate probabilities, drop the prefix whose cumulative mass
     is at most ``1 - top_p`` but never the last (largest) token. The sorted *values* do not
     depend on how ties are ordered, so the smallest kept logit is well defined; keeping
     every token at or above it keeps whole tie groups.
+
+    Why two paths: a full sort of a 49k vocabulary costs most of a warp, and sampled FLUID
+    warps every verified and drafted slot. When the mass outside the largest
+    ``NUCLEUS_CANDIDATES`` logits is already at most ``1 - top_p``, every one of those
+    smaller tokens is dropped, so only the candidates need sorting; otherwise (a flat
+    distribution) the whole row is sorted. Both paths give the same cut up to float64
+    rounding of the cumulative sums.
     """
-    ascending = np.sort(x, axis=-1)
-    shifted = np.exp(ascending - ascending[..., -1:])
-    cumulative = np.cumsum(shifted / shifted.sum(axis=-1, keepdims=True), axis=-1)
-    dropped = np.count_nonzero(cumulative <= 1 - top_p, axis=-1)
-    dropped = np.minimum(dropped, x.shape[-1] - 1)  # min_tokens_to_keep=1
-    smallest_kept = np.take_along_axis(ascending, dropped[..., None], axis=-1)
-    return x < smallest_kept
+    vocab = x.shape[-1]
+    rows_x, rows_e = x.reshape(-1, vocab), shifted.reshape(-1, vocab)
+    floor = np.empty(rows_x.shape[0])
+    for r, (row, row_e) in enumerate(zip(rows_x, rows_e)):
+        floor[r] = _row_smallest_kept(row, row_e, top_p)
+    return floor.reshape(x.shape[:-1] + (1,))
+
+
+def _row_smallest_kept(row: np.ndarray, row_e: np.ndarray, top_p: float) -> float:
+    vocab = row.shape[0]
+    total = row_e.sum()
+    if vocab > 2 * NUCLEUS_CANDIDATES:
+        top = np.sort(np.partition(row, vocab - NUCLEUS_CANDIDATES)[vocab - NUCLEUS_CANDIDATES:])
+        top_e = np.exp(top)
+        outside = total - top_e.sum()
+        if outside <= (1 - top_p) * total:
+            cumulative = (outside + np.cumsum(top_e)) / total
+            dropped = min(int(np.count_nonzero(cumulative <= 1 - top_p)), NUCLEUS_CANDIDATES - 1)
+            return float(top[dropped])
+    ascending = np.sort(row)
+    cumulative = np.cumsum(np.exp(ascending) / total)
+    dropped = min(int(np.count_nonzero(cumulative <= 1 - top_p)), vocab - 1)  # min_tokens_to_keep=1
+    return float(ascending[dropped])
 
 
 def row_generators(seed: Seed | Sequence[Seed], rows: int) -> list[np.random.Generator]:

@@ -62,6 +62,24 @@ def test_warp_equals_brute_force_reference(temperature, top_k, top_p, ties):
         assert np.count_nonzero(probs) >= 1
 
 
+@pytest.mark.parametrize("scale", [0.3, 3.0, 8.0])
+def test_the_nucleus_from_the_largest_candidates_equals_the_brute_force_one(scale):
+    """A vocabulary several times NUCLEUS_CANDIDATES: peaked rows find the nucleus among the
+    candidates, flat ones fall back to a full sort; ties (rounded logits) straddle the cut
+    and the candidate boundary. Both must give the reference's kept set."""
+    from fluid_app import warping
+
+    vocab = 4 * warping.NUCLEUS_CANDIDATES + 7
+    rng = np.random.default_rng(int(scale * 10))
+    logits = np.round(rng.standard_normal((6, vocab)) * scale, 1)
+    for top_p in (0.3, 0.9, 0.95, 0.999):
+        got = warp(logits, 0.7, 0, top_p)
+        for row, probs in zip(logits, got):
+            want = np.array(reference_warp(list(row), 0.7, 0, top_p))
+            np.testing.assert_array_equal(probs > 0, want > 0)
+            np.testing.assert_allclose(probs, want, rtol=1e-12, atol=1e-300)
+
+
 def test_top_k_at_or_above_vocab_and_top_p_one_are_plain_softmax():
     logits = random_logits(1, 4, 9, ties=False)
     plain = np.exp(logits / 0.7 - (logits / 0.7).max(axis=-1, keepdims=True))
