@@ -33,7 +33,7 @@ def pick_backend(name: str = "auto") -> tuple[str, str]:
         if torch.cuda.is_available():
             return "torch", f"CUDA GPU {torch.cuda.get_device_name(0)}"
         if platform.system() == "Darwin" and platform.machine() == "arm64":
-            return "torch", "Apple Silicon without mlx-lm: PyTorch (pip install mlx-lm to use MLX)"
+            return "torch", "Apple Silicon without mlx-lm: PyTorch (for MLX, pip install 'fluid-app[mlx]')"
         return "torch", "no CUDA GPU and no Apple Silicon: PyTorch on the CPU"
     if _installed("mlx_lm"):
         return "mlx", "PyTorch not installed"

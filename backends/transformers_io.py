@@ -17,13 +17,15 @@ from fluid_app.errors import FluidError, first_line
 
 
 @contextmanager
-def quiet() -> Iterator[None]:
-    """Silence transformers' progress bars and warnings while loading (errors still raise)."""
+def quiet(progress: bool = False) -> Iterator[None]:
+    """Silence transformers' warnings, and its progress bars unless ``progress`` (a one-off
+    conversion shows its bar: it takes seconds), while loading (errors still raise)."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    if not progress:
+        hf_logging.disable_progress_bar()
     logging.getLogger("gguf").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():

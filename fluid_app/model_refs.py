@@ -9,12 +9,11 @@ path logic, shared by every backend.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from .conversion_cache import file_sha256
 from .errors import FluidError
 from .fluid_config import CONFIG_FILENAME, FluidConfig
 from .hub import is_hub_id
@@ -185,19 +184,8 @@ def check_pinned_file(path: Path, distribution: str, version: str, sha256: str) 
     if found is not None and found != version:
         raise FluidError(f"{path.name} must come from {distribution} {version} (the version the default "
                          f"adapter was trained on), but {found} is installed; run: {fix}")
-    stat = path.stat()
-    if _sha256(str(path), stat.st_size, stat.st_mtime_ns) != sha256:
+    if file_sha256(path) != sha256:
         raise FluidError(f"{path} does not match its pinned sha256 {sha256[:12]}…; run: {fix}")
-
-
-@functools.lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    """Hash of a file, computed once per process for a given size and modification time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _hub_snapshot(reference: str) -> Path:

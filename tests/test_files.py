@@ -8,7 +8,6 @@ a plain ``mkdir``/``open`` gives under the umask, not ``mkdtemp``'s owner-only o
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -262,103 +261,22 @@ def test_mlx_convert_has_ordinary_modes(ckpt, tmp_path, umask):
     assert hidden(tmp_path) == []
 
 
-def make_tiny_gguf(folder: Path, out: Path) -> Path:
-    """Write the tiny Llama in ``folder`` (fp32 weights, byte-level BPE vocabulary) as a GGUF file."""
-    import gguf
-    import numpy as np
-    from safetensors.numpy import load_file
-
-    config = json.loads((folder / "config.json").read_text())
-    tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    writer = gguf.GGUFWriter(str(out), "llama")
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_freq_base(10000.0)
-    special = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
-    by_id = {i: t for t, i in {**tokenizer["model"]["vocab"], **special}.items()}
-    tokens = [by_id[i] for i in range(config["vocab_size"])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in special else 1 for t in tokens])
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]])
-    writer.add_bos_token_id(config["bos_token_id"])
-    writer.add_eos_token_id(config["eos_token_id"])
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for key, value in load_file(str(folder / "model.safetensors")).items():
-        if key not in names:
-            _, _, layer, *rest = key.split(".")
-            names[key] = f"blk.{layer}.{parts['.'.join(rest[:-1])]}.weight"
-        writer.add_tensor(names[key], value.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_model_dir, tmp_path_factory):
-    pytest.importorskip("mlx_lm", reason="mlx-lm is not installed")
     pytest.importorskip("gguf", reason="the gguf package is not installed")
+    from tiny_models import make_tiny_gguf
+
     from fluid_app.model_refs import resolve_model
 
     return resolve_model(str(make_tiny_gguf(tiny_model_dir("llama"), tmp_path_factory.mktemp("gguf") / "tiny.gguf")))
 
 
-def test_mlx_gguf_cache_has_ordinary_modes(tiny_gguf, tmp_path, umask, monkeypatch):
-    from backends.mlx_backend.hf_folder import base_folder
+def test_gguf_conversion_cache_has_ordinary_modes(tiny_gguf, tmp_path, umask, monkeypatch):
+    from backends.converted_base import base_folder
 
     monkeypatch.setenv("FLUID_CACHE", str(tmp_path / "cache"))
     folder = base_folder(tiny_gguf)
-    assert folder.parent == tmp_path / "cache" / "hf"
+    assert folder.parent == tmp_path / "cache" / "converted"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
-    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     assert_ordinary_modes(folder)
-    assert hidden(folder.parent) == []
-    mtime = (folder / "model.safetensors").stat().st_mtime_ns
-    assert base_folder(tiny_gguf) == folder  # cached: the second call converts nothing
-    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
-
-
-def test_mlx_gguf_cache_keeps_the_copy_another_process_finished_first(tiny_gguf, tmp_path, monkeypatch):
-    import shutil
-
-    from backends.mlx_backend import hf_folder
-
-    monkeypatch.setenv("FLUID_CACHE", str(tmp_path / "first"))
-    theirs = hf_folder.base_folder(tiny_gguf)
-    (theirs / "theirs.txt").write_text("finished first")
-    monkeypatch.setenv("FLUID_CACHE", str(tmp_path / "second"))
-    target = tmp_path / "second" / "hf" / theirs.name
-    real = hf_folder.portable_config
-
-    def finish_elsewhere(config):  # while this process converts, another renames its copy into place
-        shutil.copytree(theirs, target)
-        return real(config)
-
-    monkeypatch.setattr(hf_folder, "portable_config", finish_elsewhere)
-    assert hf_folder.base_folder(tiny_gguf) == target
-    assert (target / "theirs.txt").exists() and hidden(target.parent) == []
-
-
-def test_mlx_gguf_cache_replaces_a_broken_copy(tiny_gguf, tmp_path, monkeypatch):
-    from backends.mlx_backend.hf_folder import base_folder
-
-    monkeypatch.setenv("FLUID_CACHE", str(tmp_path / "cache"))
-    folder = base_folder(tiny_gguf)
-    for path in folder.iterdir():
-        path.unlink()
-    (folder / "model.safetensors").write_text("half a file, no config.json")
-    assert base_folder(tiny_gguf) == folder
-    assert (folder / "config.json").exists() and (folder / "model.safetensors").stat().st_size > 1000
     assert hidden(folder.parent) == []

@@ -91,3 +91,47 @@ def write_chat_file(path: Path, count: int) -> Path:
             handle.write(json.dumps({"messages": [{"role": "user", "content": question},
                                                   {"role": "assistant", "content": answer}]}) + "\n")
     return path
+
+
+def make_tiny_gguf(folder: Path, out: Path) -> Path:
+    """Write the tiny Llama in ``folder`` (fp32 weights, byte-level BPE vocabulary) as a GGUF file."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(10000.0)
+    special = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
+    by_id = {i: t for t, i in {**tokenizer["model"]["vocab"], **special}.items()}
+    tokens = [by_id[i] for i in range(config["vocab_size"])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for key, value in load_file(str(folder / "model.safetensors")).items():
+        if key not in names:
+            _, _, layer, *rest = key.split(".")
+            names[key] = f"blk.{layer}.{parts['.'.join(rest[:-1])]}.weight"
+        writer.add_tensor(names[key], value.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

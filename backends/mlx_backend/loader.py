@@ -26,8 +26,8 @@ from fluid_app.fluid_config import FluidConfig
 from fluid_app.model_refs import ModelSpec
 from fluid_app.protocol import StepOutput
 
+from ..converted_base import base_folder
 from ..transformers_io import load_tokenizer
-from .hf_folder import base_folder
 from .k_head import KHead, load_k_head
 from .lora import fuse_adapter
 from .session import MLXSession

@@ -15,9 +15,11 @@ from fluid_app.fluid_config import FluidConfig
 from fluid_app.model_refs import ModelSpec
 from fluid_app.protocol import StepOutput
 
+from ..converted_base import base_folder
 from ..transformers_io import load_tokenizer, quiet
 from .cpu_linear import pack_linear_layers
 from .k_head import KHead, load_k_head
+from .lora_merge import merge_plain_lora
 from .session import TorchSession
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,8 +111,18 @@ def load(spec: ModelSpec, *, device: str = "auto", dtype: str = "auto",
     """
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
-    config = spec.fluid_config or FluidConfig()
     tokenizer, model = load_pretrained(spec, dtype=torch_dtype)
+    return prepare(spec, tokenizer, model, torch_device, mask_token_id=mask_token_id, k_head=k_head, pack=pack)
+
+
+def prepare(spec: ModelSpec, tokenizer, model, torch_device: torch.device, *, mask_token_id: int | None = None,
+            k_head: bool = True, pack: bool = True) -> TorchBackend:
+    """The FLUID backend around a loaded tokenizer and causal LM: the MASK token chosen (or
+    added), the adapter fused, the weights moved and packed, the K-head attached. Split from
+    :func:`load` so that one model can be prepared from any source the same way (the tests
+    compare the converted copy of a GGUF against transformers' own reading of the file)."""
+    torch_dtype = model.dtype
+    config = spec.fluid_config or FluidConfig()
     if mask_token_id is not None:
         config = config.with_overrides(mask_token_id=mask_token_id)
     chosen, _ = ensure_mask_token(model, tokenizer, config.mask_token_id)
@@ -128,7 +140,8 @@ def load(spec: ModelSpec, *, device: str = "auto", dtype: str = "auto",
 
 
 def load_pretrained(spec: ModelSpec, **model_kwargs):
-    """Tokenizer and causal LM of ``spec`` (folder or GGUF), with one-line errors.
+    """Tokenizer and causal LM of ``spec`` (folder, or GGUF through its cached conversion),
+    with one-line errors.
 
     A damaged weights file (a cut download, an empty or garbled copy) is named, with the
     fix: safetensors' own error says what is wrong but not in which file.
@@ -142,15 +155,17 @@ def load_pretrained(spec: ModelSpec, **model_kwargs):
         except (SafetensorError, OSError):
             return True
 
-    kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
-    tokenizer = load_tokenizer(spec.base_dir, str(spec.base), spec.gguf_file)
+    folder = base_folder(spec)  # a GGUF base: its converted copy, made once
+    tokenizer = load_tokenizer(folder, str(spec.base))
     with quiet():
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(spec.base_dir), **model_kwargs, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), **model_kwargs)
         except SafetensorError as exc:
-            files = sorted(spec.base_dir.glob("model*.safetensors"))
-            where = next((path for path in files if unreadable(str(path))), spec.base_dir)
-            raise damaged(where, exc, "re-download the model or re-export the checkpoint") from None
+            files = sorted(folder.glob("model*.safetensors"))
+            where = next((path for path in files if unreadable(str(path))), folder)
+            fix = (f"delete {folder} to convert {spec.base.name} again" if folder != spec.base
+                   else "re-download the model or re-export the checkpoint")
+            raise damaged(where, exc, fix) from None
         except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
             raise FluidError(f"cannot load a causal LM from {spec.base}: {first_line(exc)}", "model") from None
     return tokenizer, model
@@ -191,6 +206,8 @@ def _fuse_adapter(model, spec: ModelSpec):
     A damaged adapter file is told apart from an adapter for another base: the fixes differ
     (fetch the file again, or load the right base).
     """
+    if merge_plain_lora(model, spec.adapter):  # peft's arithmetic without peft's wrapping (seconds)
+        return model
     from peft import PeftModel
     from safetensors import SafetensorError
 

@@ -62,7 +62,7 @@ def load_model(args: argparse.Namespace) -> FluidModel:
     from ..api import load
 
     backend, reason = pick_backend(args.backend)
-    if args.backend == "auto" and not getattr(args, "json", False):
+    if args.backend == "auto":  # one line on standard error, so --json output stays clean
         print(f"backend: {backend} ({reason})", file=sys.stderr)
     options: dict[str, Any] = {"mask_token_id": args.mask_token_id}
     if backend == "torch":

@@ -1,0 +1,93 @@
+"""Fuse a plain peft LoRA adapter into float32 ``nn.Linear`` weights without peft.
+
+Why: ``PeftModel.from_pretrained(...).merge_and_unload()`` first wraps every target layer
+in a LoRA module (initialising matrices it then overwrites), loads the adapter into them,
+and only then merges and unwraps: on a 2-core CPU that was seconds of every start of the
+embedded default, for what is one small matmul per layer. Here the merge is done directly
+with peft's own arithmetic, in its order (``W += (B @ A) * scaling`` in float32, ``scaling =
+lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA), so the fused weights are bitwise the ones
+peft gives (``tests/test_conversion_cache.py`` checks it on the embedded default).
+
+Only the plain case is taken: LoRA on ``nn.Linear`` layers of a float32 model, no per-module
+rank or alpha patterns, no DoRA or other variants, no LoRA bias, no extra trained modules or
+tokens. Anything else returns ``False`` and the caller merges through peft as before.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fluid_app.errors import FluidError, damaged
+from fluid_app.model_refs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+PREFIX = "base_model.model."
+# adapter_config.json fields the plain merge understands; any other field that is set (DoRA,
+# LoRA bias, modules_to_save, rank or alpha patterns, newer variants) sends the merge to peft
+PLAIN_FIELDS = frozenset({
+    "peft_type", "task_type", "r", "lora_alpha", "use_rslora", "lora_dropout", "target_modules", "exclude_modules",
+    "layers_to_transform", "layers_pattern", "base_model_name_or_path", "revision", "inference_mode",
+    "init_lora_weights", "auto_mapping", "peft_version", "bias", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "megatron_config", "megatron_core", "qalora_group_size",
+})
+
+
+def merge_plain_lora(model: nn.Module, adapter_dir: Path) -> bool:
+    """Fuse the adapter in ``adapter_dir`` into ``model`` in place; False if it is not plain.
+
+    Raises :class:`FluidError` for an unreadable adapter file or one shaped for another base.
+    """
+    try:
+        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # peft reports it in its own words
+    if not isinstance(config, dict) or any(value for name, value in config.items() if name not in PLAIN_FIELDS):
+        return False
+    if config.get("peft_type", "LORA") != "LORA" or config.get("bias", "none") != "none" \
+            or not isinstance(config.get("r"), int) or config["r"] <= 0:
+        return False
+    rank, alpha = config["r"], config.get("lora_alpha", 8)
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    lora = _read(adapter_dir / ADAPTER_WEIGHTS)
+    if lora is None:
+        return False
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key in lora:
+        module, sep, kind = key.removeprefix(PREFIX).rpartition(".lora_")
+        if not key.startswith(PREFIX) or not sep or kind not in ("A.weight", "B.weight"):
+            return False  # something besides LoRA matrices: leave it to peft
+        if module not in pairs:
+            a, b = lora.get(f"{PREFIX}{module}.lora_A.weight"), lora.get(f"{PREFIX}{module}.lora_B.weight")
+            if a is None or b is None:
+                return False
+            pairs[module] = (a, b)
+    layers = dict(model.named_modules())
+    targets = [layers.get(module) for module in pairs]
+    if not pairs or any(type(layer) is not nn.Linear or layer.weight.dtype != torch.float32 for layer in targets):
+        return False
+    for (module, (a, b)), layer in zip(pairs.items(), targets):  # every shape first: no half-merged model
+        if a.shape[0] != rank or b.shape[1] != rank or (b.shape[0], a.shape[1]) != tuple(layer.weight.shape):
+            raise FluidError(f"the adapter in {adapter_dir} does not fit this base model ({module}: "
+                             f"{tuple(b.shape)} x {tuple(a.shape)} for a {tuple(layer.weight.shape)} weight); "
+                             "load it with the base model it was trained on")
+    with torch.no_grad():
+        for (a, b), layer in zip(pairs.values(), targets):
+            device = layer.weight.device
+            layer.weight.data += (b.to(device, torch.float32) @ a.to(device, torch.float32)) * scaling
+    return True
+
+
+def _read(path: Path) -> dict[str, torch.Tensor] | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return None  # peft names what is missing
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise damaged(path, exc) from None

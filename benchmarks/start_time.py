@@ -1,0 +1,121 @@
+"""Wall-clock start-up of the ``fluid`` command and the demo, cold and warm.
+
+Run from the repository root (``python -m fluid_app`` and ``app.py`` then load this
+checkout's code)::
+
+    python benchmarks/start_time.py --runs 3                 # everything
+    python benchmarks/start_time.py --runs 3 --only generate # one measurement
+
+What is timed, each ``--runs`` times (min and median printed):
+
+* ``help``: ``python -m fluid_app --help``.
+* ``generate cold``: ``python -m fluid_app generate --model default --chat --prompt Hi
+  --max-new-tokens 4`` with an empty conversion cache (``FLUID_CACHE`` a new folder).
+* ``generate warm``: the same with the cache filled by a previous run.
+* ``app http`` and ``app answer`` (warm cache): ``python app.py --port P`` until ``GET /``
+  answers, then until the page's ``/generate`` endpoint has answered "Hi" (4 tokens).
+
+The cache folders are temporary: the user's own cache is never read or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+GENERATE = ["generate", "--model", "default", "--chat", "--prompt", "Hi", "--max-new-tokens", "4"]
+
+
+def timed(args: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def app_times(env: dict[str, str]) -> tuple[float, float]:
+    """Seconds from launching ``app.py`` to an HTTP answer, and to a decoded reply."""
+    from gradio_client import Client
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    started = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"app.py exited:\n{server.stderr.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as page:
+                    if page.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        http = time.perf_counter() - started
+        client = Client(url, verbose=False)
+        client.predict("Hi", "default", "auto", True, "fluid", 4, 0.9, 5, 8, 0, api_name="/generate")
+        return http, time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def summary(name: str, values: list[float]) -> dict:
+    row = {"what": name, "runs": [round(v, 2) for v in values], "min": round(min(values), 2),
+           "median": round(statistics.median(values), 2)}
+    print(f"{name:16s} min {row['min']:7.2f} s  median {row['median']:7.2f} s  runs {row['runs']}", flush=True)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", choices=["help", "generate", "app"], default=None)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fluid-start-") as scratch:
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", GRADIO_ANALYTICS_ENABLED="False")
+        warm = dict(env, FLUID_CACHE=str(Path(scratch) / "warm"))
+        if args.only in (None, "help"):
+            rows.append(summary("help", [timed(["-m", "fluid_app", "--help"], env) for _ in range(args.runs)]))
+        if args.only in (None, "generate"):
+            cold = [timed(["-m", "fluid_app", *GENERATE], dict(env, FLUID_CACHE=str(Path(scratch) / f"cold{i}")))
+                    for i in range(args.runs)]
+            rows.append(summary("generate cold", cold))
+            timed(["-m", "fluid_app", *GENERATE], warm)  # fills the warm cache
+            rows.append(summary("generate warm", [timed(["-m", "fluid_app", *GENERATE], warm)
+                                                  for _ in range(args.runs)]))
+        if args.only in (None, "app"):
+            timed(["-m", "fluid_app", *GENERATE], warm)
+            http, answer = zip(*(app_times(warm) for _ in range(args.runs)))
+            rows.append(summary("app http", list(http)))
+            rows.append(summary("app answer", list(answer)))
+    if args.json:
+        from fluid_app.files import write_json_atomic
+
+        write_json_atomic(args.json, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
