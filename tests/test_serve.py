@@ -67,6 +67,10 @@ def test_chat_and_completions_streamed_and_not(server, solo):
     assert done.choices[0].text == text and done.choices[0].finish_reason in ("stop", "length")
     streamed = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=30, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == text
+    sampled = solo.generate(PROMPT, max_new_tokens=30, temperature=0.8, top_k=40, seed=5)
+    done = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=30, temperature=0.8, seed=5,
+                                     extra_body={"top_k": 40})
+    assert done.choices[0].text == solo.decode(sampled.token_ids)
 
 
 def test_stop_strings_never_leak(server, solo):
@@ -195,6 +199,8 @@ def test_bad_flags_fail_before_loading():
                        (["--max-queue", "-1"], "--max-queue"), (["--api-key", " "], "--api-key")]:
         done = run_cli("serve", "--model", "/nonexistent/model", *args, timeout=120)
         assert done.returncode == 2 and done.stderr.count("error:") == 1 and flag in done.stderr, done.stderr
+    exposed = run_cli("serve", "--model", "/nonexistent/model", "--host", "0.0.0.0", timeout=120)
+    assert exposed.returncode == 2 and "warning: serving on 0.0.0.0 without --api-key" in exposed.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlx") is None, reason="mlx not installed")
