@@ -94,13 +94,16 @@ class FluidModel:
             return ids
         check_prompt(prompt)
         if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise FluidError("this model's tokenizer has no chat template; decode without chat", "chat")
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return self.encode_chat([{"role": "user", "content": prompt}])
         return list(self.tokenizer(prompt)["input_ids"])
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Token ids of a conversation (``role``/``content`` turns) through the model's chat
+        template, ending where the assistant's reply begins."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise FluidError("this model's tokenizer has no chat template; decode without chat", "chat")
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

@@ -13,8 +13,8 @@ from typing import Sequence
 from .errors import FluidError, phrase
 
 # Subcommand modules, in the order ``fluid --help`` lists them.
-COMMAND_MODULES = ["generate", "bench", "eval_ppl", "distill", "train", "demo", "export", "convert", "pull", "push",
-                   "import_reference"]
+COMMAND_MODULES = ["generate", "bench", "eval_ppl", "distill", "train", "demo", "serve", "export", "convert", "pull",
+                   "push", "import_reference"]
 
 
 class Parser(argparse.ArgumentParser):

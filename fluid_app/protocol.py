@@ -31,13 +31,27 @@ class StepOutput:
 
 @runtime_checkable
 class DecodeSession(Protocol):
-    """KV-cached state of a batch of rows, each with its own committed length."""
+    """KV-cached state of a batch of rows, each with its own committed length.
+
+    The batch is continuous: between a :meth:`commit` and the next :meth:`forward`, rows may
+    join (:meth:`add`) and leave (:meth:`drop`). Rows are numbered by their place in the
+    batch; ``add`` appends at the end and ``drop`` closes the gaps, keeping the order.
+    """
+
+    logits: bool  # outputs carry full logits; the core may switch it between forwards
 
     def forward(self, tokens: np.ndarray) -> StepOutput:
         """Run ``tokens[B, T]`` at each row's next ``T`` positions; cache them provisionally."""
 
     def commit(self, keep: Sequence[int]) -> None:
         """Row ``b`` keeps the first ``keep[b]`` tokens of the last forward; the rest are dropped."""
+
+    def add(self, prompts: Sequence[Sequence[int]]) -> StepOutput:
+        """Prefill new rows and append them to the batch; return the outputs at each one's last
+        prompt token (``[len(prompts), 1]`` arrays), as :meth:`Backend.start` does."""
+
+    def drop(self, rows: Sequence[int]) -> None:
+        """Remove these rows from the batch and free their cache at once."""
 
 
 @runtime_checkable

@@ -27,6 +27,7 @@ from typing import Any, Generator, Iterator, Sequence
 import numpy as np
 
 from .acceptance import sample, verify_chain
+from .batching import FusedBatch
 from .errors import FluidError
 from .events import BlockStart, Commit, Draft, Event, Finished, Verify
 from .fluid_config import FluidConfig, check_decoding, is_confident
@@ -229,43 +230,43 @@ class Decoder:
 
         Each forward feeds every active row's window; :meth:`_verify` then commits what the
         outputs prove exact and :meth:`_draft` builds the row's next window from the same
-        outputs, so nothing is ever forwarded twice.
+        outputs, so nothing is ever forwarded twice. The loop itself is a
+        :class:`~fluid_app.batching.FusedBatch` holding this decoder's rows; a finished row
+        leaves it (and frees its cache) at once, and a server adds other decoders' rows to it.
         """
         self._window_limit = window_limit
-        session, first = self.backend.start(self.prompts, logits=self.sampling is not None)
-        if self.sampling is None:
-            windows = [_Window(pending=int(first.tokens[b, 0])) for b in range(len(self.prompts))]
-        else:
-            windows = [_Window(pending=sample(self.sampling.warp(first.logits[b, 0]), self.rngs[b]))
-                       for b in range(len(self.prompts))]
-        for b, window in enumerate(windows):
-            window.active = not (yield from self._commit(b, [window.pending]))
-            if window.active:
-                window.k = self._window_size(first, b, 0)
-                window.slots, window.confidences = [None] * (window.k - 1), [0.0] * (window.k - 1)
-                yield BlockStart(b, window.k, len(self.results[b].token_ids), 0)
-        mask = self.backend.mask_token_id if self.backend.mask_token_id is not None else 0
-        while any(w.active for w in windows):
-            width = max(1 + len(w.slots) for w in windows if w.active)
-            feed = np.full((len(windows), width), mask, dtype=np.int64)
-            for b, w in enumerate(windows):
-                if w.active:
-                    feed[b, : 1 + len(w.slots)] = [w.pending] + [mask if t is None else t for t in w.slots]
-            out = session.forward(feed)
-            keep = [0] * len(windows)
-            for b, window in enumerate(windows):
-                if window.active:  # a row reads only its own window, never the batch's padding
-                    keep[b] = yield from self._verify(b, window, feed[b, : 1 + len(window.slots)], out, mask)
-            session.commit(keep)
+        batch = FusedBatch(self.backend)
+        for _, event in batch.join(self):
+            yield event
+        while batch:
+            for _, event in batch.step():
+                yield event
 
-    def _window_size(self, out: StepOutput, row: int, index: int) -> int:
-        k = self._horizon(self._horizon_at(out, row, index), row, len(self.results[row].token_ids))
+    def _open(self, b: int, first: StepOutput, i: int) -> Generator[Event, None, _Window]:
+        """Start row ``b`` from the prefill's outputs (row ``i`` of ``first``): commit its first
+        token and size its first window."""
+        if self._window_limit is None and self.settings.mode == "ar":
+            self._window_limit = 1
+        if self.sampling is None:
+            window = _Window(pending=int(first.tokens[i, 0]))
+        else:
+            window = _Window(pending=sample(self.sampling.warp(first.logits[i, 0]), self.rngs[b]))
+        window.active = not (yield from self._commit(b, [window.pending]))
+        if window.active:
+            window.k = self._window_size(first, b, i, 0)
+            window.slots, window.confidences = [None] * (window.k - 1), [0.0] * (window.k - 1)
+            yield BlockStart(b, window.k, len(self.results[b].token_ids), 0)
+        return window
+
+    def _window_size(self, out: StepOutput, row: int, i: int, index: int) -> int:
+        k = self._horizon(self._horizon_at(out, i, index), row, len(self.results[row].token_ids))
         return min(k, self._window_limit or k)
 
-    def _verify(self, b: int, window: _Window, fed: np.ndarray, out: StepOutput,
+    def _verify(self, b: int, window: _Window, fed: np.ndarray, out: StepOutput, i: int,
                 mask: int) -> Generator[Event, None, int]:
         """Commit the longest run of fed drafts that equals the causal argmax, plus the one exact
         token after it; then draft the next window. Returns how many fed tokens the row keeps.
+        ``b`` is this decoder's row, ``i`` its row in the batch's outputs ``out``.
 
         Under causal attention the output at the window's exact token and at every matching
         draft is the exact greedy prediction, so the run and the token after it are AR's own.
@@ -275,12 +276,12 @@ class Decoder:
         width = len(fed)
         if self.sampling is None:
             accepted = 0
-            while accepted + 1 < width and fed[accepted + 1] == out.tokens[b, accepted]:
+            while accepted + 1 < width and fed[accepted + 1] == out.tokens[i, accepted]:
                 accepted += 1
-            exact = int(out.tokens[b, accepted])
+            exact = int(out.tokens[i, accepted])
         else:  # speculative sampling over the drafted run (fluid_app/acceptance.py)
             run = len(window.sources)
-            p_rows = self.sampling.warp(out.logits[b, : run + 1])
+            p_rows = self.sampling.warp(out.logits[i, : run + 1])
             accepted, exact = verify_chain(p_rows, [int(t) for t in fed[1 : run + 1]], window.proposals,
                                            self.rngs[b])
         for source in window.sources[: accepted + 1]:
@@ -295,21 +296,21 @@ class Decoder:
             window.active = False
             return accepted + 1
         window.pending = exact
-        window.k = self._window_size(out, b, accepted)
+        window.k = self._window_size(out, b, i, accepted)
         # Outputs past the first exact token are drafts only if that slot was fed as a MASK;
         # after a wrong token they are conditioned on it, so start afresh.
         start = accepted + 1 if correction is None else width
-        yield from self._draft(b, window, out, start, width)
+        yield from self._draft(b, window, out, i, start, width)
         return accepted + 1
 
-    def _draft(self, b: int, window: _Window, out: StepOutput, start: int, stop: int) -> Iterator[Event]:
+    def _draft(self, b: int, window: _Window, out: StepOutput, at: int, start: int, stop: int) -> Iterator[Event]:
         """Fill the next window's ``k - 1`` slots from the mask outputs at ``start:stop``: the first
         draft always, later ones when confident; prompt lookup when the first is unsure; masks
         for the block after a full one. Sampling draws each kept mask draft from its own warped
         distribution (its proposal ``q``); which slots are kept is decided first, from the
         logits alone, so the proposal is exactly what the draft was drawn from."""
         s, result = self.settings, self.results[b]
-        confidences = [float(c) for c in out.confidence[b, start:stop]]
+        confidences = [float(c) for c in out.confidence[at, start:stop]]
         kept: list[bool] = [i < len(confidences) and (i == 0 or is_confident(confidences[i], s.threshold))
                             for i in range(window.k - 1)]
         slot_conf = [confidences[i] if i < len(confidences) else 0.0 for i in range(window.k - 1)]
@@ -330,9 +331,9 @@ class Decoder:
                 if not kept[i]:
                     continue
                 if self.sampling is None:
-                    slots[i] = int(out.tokens[b, start + i])
+                    slots[i] = int(out.tokens[at, start + i])
                 else:
-                    slots[i], q = self._mask_draft(b, out.logits[b, start + i], out.tokens[b, start + i])
+                    slots[i], q = self._mask_draft(b, out.logits[at, start + i], out.tokens[at, start + i])
                     proposals.append(q)
                 sources.append("mask")
         run = next((i for i, t in enumerate(slots) if t is None), len(slots))

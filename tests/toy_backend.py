@@ -105,6 +105,15 @@ class ToySession:
             self.rows[b].extend(self.pending[b][:k])
         self.pending = []
 
+    def add(self, prompts):
+        self.lm.forward_calls += 1
+        self.rows += [list(p) for p in prompts]
+        return _stack([self.lm.outputs(p, len(p) - 1) for p in prompts])
+
+    def drop(self, rows):
+        gone = set(rows)
+        self.rows = [r for b, r in enumerate(self.rows) if b not in gone]
+
 
 class SamplingToyLM(ToyLM):
     """A toy with real next-token distributions, for sampled decoding.

@@ -5,7 +5,8 @@ the rows one after another over their own caches; :meth:`MLXSession.commit` trim
 row's cache back by the slots it did not keep (``KVCache.trim`` only moves the offset, so
 nothing is copied). Rows never share a tensor, so there are no holes, masks or position
 ids to manage: every row sees exactly its own committed tokens at consecutive positions,
-which is what makes FLUID lossless.
+which is what makes FLUID lossless. Rows join (:meth:`MLXSession.add`, prefilled on new
+caches) and leave (:meth:`MLXSession.drop`, their caches released) between forwards.
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ class MLXSession:
         outs = [backend.step(mx.array([list(p)], dtype=mx.int32), cache, last_only=True, logits=logits)
                 for p, cache in zip(prompts, self.caches)]
         self.first = _stack(outs)
+
+    def add(self, prompts: Sequence[Sequence[int]]) -> StepOutput:
+        """Prefill ``prompts`` on caches of their own and append them to the batch."""
+        self.backend.forward_calls += 1
+        caches = [self.backend.new_cache() for _ in prompts]
+        outs = [self.backend.step(mx.array([list(p)], dtype=mx.int32), cache, last_only=True, logits=self.logits)
+                for p, cache in zip(prompts, caches)]
+        self.caches += caches
+        return _stack(outs)
+
+    def drop(self, rows: Sequence[int]) -> None:
+        gone = set(int(r) for r in rows)
+        self.caches = [cache for b, cache in enumerate(self.caches) if b not in gone]
 
     def forward(self, tokens: np.ndarray) -> StepOutput:
         tokens = np.asarray(tokens, dtype=np.int64)

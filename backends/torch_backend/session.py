@@ -5,6 +5,11 @@ slots to every row; :meth:`TorchSession.commit` keeps a per-row prefix of them. 
 fewer slots than the longest leave *holes* in the shared cache tensor, which a 2-D attention
 mask hides and explicit position ids skip, so each row still sees exactly its own committed
 tokens at consecutive positions. With one row there are never holes and no mask is built.
+
+The batch is continuous. :meth:`TorchSession.add` prefills new rows in a session of their
+own and concatenates its cache along the batch dimension (the narrower cache padded with
+masked holes). :meth:`TorchSession.drop` index-selects the remaining rows and then removes
+every cache column none of them uses, so a finished row's memory goes at once.
 """
 
 from __future__ import annotations
@@ -65,6 +70,32 @@ class TorchSession:
         self.backend.forward_calls += 1
         return self._run(ids, positions, valid)
 
+    def add(self, prompts: Sequence[Sequence[int]]) -> StepOutput:
+        """Prefill ``prompts`` on their own and append them to the batch (between forwards)."""
+        assert self._last_width == 0, "add rows between a commit and the next forward"
+        self.backend.forward_calls += 1
+        new = TorchSession(self.backend, prompts, self.logits)
+        width = max(self.valid.shape[1], new.valid.shape[1])
+        for mine, theirs in zip(self.cache.layers, new.cache.layers):
+            mine.keys = torch.cat([_pad(mine.keys, width), _pad(theirs.keys, width)], dim=0)
+            mine.values = torch.cat([_pad(mine.values, width), _pad(theirs.values, width)], dim=0)
+        self.valid = torch.cat([_pad(self.valid, width, dim=1), _pad(new.valid, width, dim=1)], dim=0)
+        self.lengths = torch.cat([self.lengths, new.lengths])
+        return new.first
+
+    def drop(self, rows: Sequence[int]) -> None:
+        """Remove ``rows``; then cut the cache columns that no remaining row uses."""
+        assert self._last_width == 0, "drop rows between a commit and the next forward"
+        gone = set(int(r) for r in rows)
+        kept = torch.tensor([b for b in range(len(self.lengths)) if b not in gone], dtype=torch.long)
+        valid = self.valid[kept]
+        columns = valid.any(dim=0).nonzero().flatten()
+        self.valid, self.lengths = valid[:, columns], self.lengths[kept]
+        rows_d, columns_d = kept.to(self.device), columns.to(self.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, rows_d).index_select(2, columns_d)
+            layer.values = layer.values.index_select(0, rows_d).index_select(2, columns_d)
+
     def commit(self, keep: Sequence[int]) -> None:
         keep_t = torch.as_tensor(list(keep), dtype=torch.long)
         width = self._last_width
@@ -74,3 +105,13 @@ class TorchSession:
         self.valid = torch.cat([self.valid, torch.arange(longest)[None, :] < keep_t[:, None]], dim=1)
         self.lengths = self.lengths + keep_t
         self._last_width = 0
+
+
+def _pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """``tensor`` widened to ``width`` along ``dim`` with zeros (False for a mask): holes."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)

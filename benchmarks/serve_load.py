@@ -1,0 +1,117 @@
+"""Aggregate throughput of ``fluid serve`` under load: 1, 4 and 8 concurrent clients, FLUID vs AR.
+
+Starts one real server (the default model unless ``--model``), then for each mode and each
+level of concurrency has that many clients send chat requests for the prompts of a JSONL
+file (``{"prompt": ...}`` per line), each client taking the next prompt when its reply is
+done, until every prompt has been answered once at that level. Aggregate tokens/s is all
+completion tokens over the wall time of the level. Prints one table and the ratios
+(8 clients over 1, fluid over ar at every level). A warm-up request runs before timing.
+
+    python benchmarks/serve_load.py --model default --max-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from serve_helpers import Server  # noqa: E402
+
+
+def load_prompts(path: Path, limit: int | None) -> list[str]:
+    prompts = [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts[:limit] if limit else prompts
+
+
+def level(server: Server, model_id: str, prompts: list[str], clients: int, mode: str,
+          max_tokens: int) -> dict[str, float]:
+    """Answer every prompt once with ``clients`` concurrent clients; aggregate numbers."""
+    queue = list(enumerate(prompts))
+    tokens = forwards = 0
+
+    def client() -> tuple[int, int]:
+        got_tokens = got_forwards = 0
+        with httpx.Client(timeout=3600) as http:
+            while queue:
+                try:
+                    _, prompt = queue.pop(0)
+                except IndexError:
+                    break
+                body = {"model": model_id, "messages": [{"role": "user", "content": prompt}],
+                        "max_tokens": max_tokens, "mode": mode}
+                answer = http.post(server.base + "/v1/chat/completions", json=body)
+                answer.raise_for_status()
+                usage = answer.json()["usage"]
+                got_tokens += usage["completion_tokens"]
+                got_forwards += usage["forwards"]
+        return got_tokens, got_forwards
+
+    before = server.health()
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        for t, f in pool.map(lambda _: client(), range(clients)):
+            tokens, forwards = tokens + t, forwards + f
+    seconds = time.perf_counter() - start
+    after = server.health()
+    batch_forwards = after["forwards"] - before["forwards"]
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "tpf": tokens / forwards if forwards else 0.0,
+            "rows_per_forward": forwards / batch_forwards if batch_forwards else 0.0}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--prompts", default=str(ROOT / "benchmarks" / "sharegpt_heldout_10.jsonl"))
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--clients", default="1,4,8")
+    parser.add_argument("--modes", default="fluid,ar")
+    parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = parser.parse_args()
+    prompts = load_prompts(Path(args.prompts), args.limit)
+    levels = [int(c) for c in args.clients.split(",")]
+    modes = args.modes.split(",")
+    log = Path("serve_load.log").resolve()
+    server = Server("--model", args.model, "--backend", args.backend, "--max-batch", str(max(levels)),
+                    "--max-queue", str(max(levels)), log=log)
+    model_id = args.model
+    rows: dict[tuple[str, int], dict[str, float]] = {}
+    try:
+        level(server, model_id, prompts[:1], 1, modes[0], 8)  # warm-up
+        for mode in modes:
+            for clients in levels:
+                rows[mode, clients] = level(server, model_id, prompts, clients, mode, args.max_tokens)
+                print(f"  {mode} x{clients}: {rows[mode, clients]['tokens_per_s']:.2f} tok/s", file=sys.stderr)
+    finally:
+        server.stop()
+    print(f"{'mode':<6} {'clients':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'TPF':>6} {'rows/fwd':>8}")
+    for (mode, clients), r in rows.items():
+        print(f"{mode:<6} {clients:>7} {r['tokens']:>7.0f} {r['seconds']:>8.2f} {r['tokens_per_s']:>8.2f} "
+              f"{r['tpf']:>6.2f} {r['rows_per_forward']:>8.2f}")
+    ratios = []
+    for mode in modes:
+        if (mode, levels[0]) in rows and (mode, levels[-1]) in rows:
+            ratios.append(f"{mode} x{levels[-1]}/x{levels[0]}="
+                          f"{rows[mode, levels[-1]]['tokens_per_s'] / rows[mode, levels[0]]['tokens_per_s']:.2f}")
+    if "fluid" in modes and "ar" in modes:
+        ratios += [f"fluid/ar x{c}={rows['fluid', c]['tokens_per_s'] / rows['ar', c]['tokens_per_s']:.2f}"
+                   for c in levels]
+    print(", ".join(ratios))
+    if args.json:
+        Path(args.json).write_text(json.dumps({f"{m}x{c}": r for (m, c), r in rows.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Continuous batching of the fused loop: rows join at the next forward and leave at once.
+
+A :class:`FusedBatch` owns one :class:`~fluid_app.protocol.DecodeSession` and a list of
+*lanes*, one per decoding row, each belonging to a :class:`~fluid_app.sampler.Decoder` (its
+prompt, settings, random generator and result). Every :meth:`FusedBatch.step` feeds each
+lane's window in one forward and lets the lane's own decoder verify and re-draft from its
+row of the outputs, so the rule that makes decoding lossless exists once, in the sampler.
+Requests with different settings (mode, horizons, sampling) share forwards: a lane reads
+only its own window, never the batch's padding, so its tokens are what it would decode alone.
+
+Rows join between forwards (:meth:`join`: prefilled on their own, then appended to the
+session) and leave as soon as they finish or are cancelled (:meth:`leave`), freeing their
+cache before the next forward instead of riding along until the whole batch ends.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
+
+import numpy as np
+
+from .events import Event
+from .protocol import Backend, DecodeSession
+
+if TYPE_CHECKING:
+    from .sampler import Decoder
+
+
+@dataclass
+class Lane:
+    """One decoding row of the batch: which decoder and row it is, and its next window."""
+
+    decoder: Decoder
+    row: int
+    window: Any  # the decoder's window state (fluid_app.sampler._Window)
+    started: float
+
+
+Tagged = tuple["Decoder", Event]
+
+
+def _tagged(decoder: Decoder, events: Generator[Event, None, Any]) -> Generator[Tagged, None, Any]:
+    """Re-yield a decoder's events as ``(decoder, event)`` and pass its return value on."""
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as stop:
+            return stop.value
+        yield decoder, event
+
+
+class FusedBatch:
+    """A running batch of lanes on one backend; see the module docstring."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.session: DecodeSession | None = None
+        self.lanes: list[Lane] = []
+        self.forwards = 0  # batch forwards run (prefills not counted)
+        self.rows_fed = 0  # rows summed over those forwards: rows_fed / forwards is rows per forward
+
+    def __len__(self) -> int:
+        return len(self.lanes)
+
+    @property
+    def rows_per_forward(self) -> float:
+        return self.rows_fed / self.forwards if self.forwards else 0.0
+
+    def join(self, decoder: Decoder, rows: Sequence[int] | None = None) -> Iterator[Tagged]:
+        """Prefill ``decoder``'s rows (all by default) and add them to the batch; yields each
+        row's first committed token (and its end, if that token already ends it)."""
+        rows = list(range(len(decoder.prompts))) if rows is None else list(rows)
+        prompts = [decoder.prompts[r] for r in rows]
+        logits = decoder.sampling is not None or any(lane.decoder.sampling is not None for lane in self.lanes)
+        started = time.perf_counter()
+        if self.session is None:
+            self.session, first = self.backend.start(prompts, logits=logits)
+        else:
+            self.session.logits = logits
+            first = self.session.add(prompts)
+        lanes = []
+        for i, row in enumerate(rows):
+            window = yield from _tagged(decoder, decoder._open(row, first, i))
+            lanes.append(Lane(decoder, row, window, started))
+        self.lanes += lanes
+        self._retire([lane for lane in lanes if not lane.window.active])
+
+    def step(self) -> Iterator[Tagged]:
+        """One forward over every lane: verify, commit and re-draft each; finished lanes leave."""
+        if not self.lanes:
+            return
+        mask = self.backend.mask_token_id if self.backend.mask_token_id is not None else 0
+        widths = [1 + len(lane.window.slots) for lane in self.lanes]
+        feed = np.full((len(self.lanes), max(widths)), mask, dtype=np.int64)
+        for i, (lane, width) in enumerate(zip(self.lanes, widths)):
+            feed[i, :width] = [lane.window.pending] + [mask if t is None else t for t in lane.window.slots]
+        out = self.session.forward(feed)
+        self.forwards += 1
+        self.rows_fed += len(self.lanes)
+        keep = []
+        for i, (lane, width) in enumerate(zip(self.lanes, widths)):
+            kept = yield from _tagged(lane.decoder, lane.decoder._verify(lane.row, lane.window, feed[i, :width],
+                                                                         out, i, mask))
+            keep.append(kept)
+        self.session.commit(keep)
+        self._retire([lane for lane in self.lanes if not lane.window.active])
+
+    def leave(self, decoder: Decoder) -> None:
+        """Cancel every lane of ``decoder``: its rows leave the batch before the next forward."""
+        self._retire([lane for lane in self.lanes if lane.decoder is decoder])
+
+    def _retire(self, lanes: list[Lane]) -> None:
+        if not lanes:
+            return
+        now = time.perf_counter()
+        for lane in lanes:
+            lane.decoder.results[lane.row].seconds = now - lane.started
+        gone = {id(lane) for lane in lanes}
+        indices = [i for i, lane in enumerate(self.lanes) if id(lane) in gone]
+        self.lanes = [lane for lane in self.lanes if id(lane) not in gone]
+        if not self.lanes:
+            self.session = None  # nothing left: the whole cache goes
+            return
+        self.session.drop(indices)
+        self.session.logits = any(lane.decoder.sampling is not None for lane in self.lanes)
