@@ -36,8 +36,20 @@ class DecodeSession(Protocol):
     def forward(self, tokens: np.ndarray) -> StepOutput:
         """Run ``tokens[B, T]`` at each row's next ``T`` positions; cache them provisionally."""
 
+    logits: bool  # whether outputs carry full logits; a session reused for a new decode may switch it
+
     def commit(self, keep: Sequence[int]) -> None:
         """Row ``b`` keeps the first ``keep[b]`` tokens of the last forward; the rest are dropped."""
+
+    def truncate(self, lengths: Sequence[int]) -> None:
+        """Row ``b`` keeps only its first ``lengths[b]`` committed tokens (at most what it holds);
+        a forward not yet committed is dropped first. How a prompt cache rewinds a conversation
+        to the prefix the next turn shares with it (:mod:`fluid_app.prompt_cache`)."""
+
+    def extend(self, tokens: Sequence[Sequence[int]]) -> StepOutput:
+        """Append ``tokens[b]`` (at least one) to row ``b`` as committed tokens, like a prefill on
+        top of what the row holds, and return the outputs at each row's last new token
+        (``[B, 1]`` arrays, as :meth:`Backend.start` does)."""
 
 
 @runtime_checkable

@@ -31,7 +31,8 @@ from .errors import FluidError
 from .events import BlockStart, Commit, Draft, Event, Finished, Verify
 from .fluid_config import FluidConfig, check_decoding, is_confident
 from .lookup import lookup_continuation
-from .protocol import Backend, StepOutput
+from .prompt_cache import PromptCache
+from .protocol import Backend, DecodeSession, StepOutput
 from .warping import SamplingSettings, check_sampling, check_seed
 
 MODES = ("ar", "reference", "fluid")
@@ -137,7 +138,8 @@ class Decoder:
     After the iterator is exhausted, :attr:`results` holds one :class:`RowResult` per prompt.
     """
 
-    def __init__(self, backend: Backend, prompts: Sequence[Sequence[int]], settings: DecodeSettings):
+    def __init__(self, backend: Backend, prompts: Sequence[Sequence[int]], settings: DecodeSettings,
+                 prompt_cache: PromptCache | None = None):
         self.backend = backend
         self.settings = settings.validate()
         self.prompts = [list(p) for p in prompts]
@@ -153,6 +155,9 @@ class Decoder:
         if settings.mode != "ar" and backend.mask_token_id is None:
             raise FluidError("this model has no MASK token; decode in mode 'ar' or load a FLUID checkpoint", "mode")
         self.results = [RowResult() for _ in self.prompts]
+        # A single-prompt ar/fluid decode can start from (and leave its KV cache in) a prompt cache.
+        self.prompt_cache = prompt_cache if len(self.prompts) == 1 and settings.mode != "reference" else None
+        self.kv_tokens: list[list[int]] = []  # per row: exactly the tokens its session's KV cache holds
         self._window_limit: int | None = None
         self.sampling = self.settings.sampling
         # one generator per row, seeded by the request alone: a row draws the same alone or in a batch
@@ -187,14 +192,17 @@ class Decoder:
         result.finish_reason = reason
         return taken, bool(reason)
 
-    def _commit(self, row: int, tokens: list[int], block_k: int | None = None) -> Generator[Event, None, bool]:
+    def _commit(self, row: int, tokens: list[int], block_k: int | None = None,
+                sources: Sequence[str] = ()) -> Generator[Event, None, bool]:
         """Append exact tokens to a row and announce them (and the row's end); True when it ended.
-        ``block_k``: the horizon of the block these tokens close (none for the prefill's token)."""
+        ``block_k``: the horizon of the block these tokens close (none for the prefill's token);
+        ``sources``: how each token came (:class:`~fluid_app.events.Commit`), "exact" if not given."""
         result = self.results[row]
         taken, done = self._append(row, tokens)
         if block_k is not None:
             result.blocks.append({"k": block_k, "accepted": len(taken)})
-        yield Commit(row, taken, len(result.token_ids), result.forwards)
+        sources = tuple(sources or ("exact",) * len(tokens))[: len(taken)]
+        yield Commit(row, taken, len(result.token_ids), result.forwards, sources)
         if done:
             yield Finished(row, result.finish_reason, result.forwards)
         return done
@@ -232,7 +240,25 @@ class Decoder:
         outputs, so nothing is ever forwarded twice.
         """
         self._window_limit = window_limit
-        session, first = self.backend.start(self.prompts, logits=self.sampling is not None)
+        logits = self.sampling is not None
+        if self.prompt_cache is not None:
+            session, first = self.prompt_cache.start(self.prompts[0], logits=logits)
+        else:
+            session, first = self.backend.start(self.prompts, logits=logits)
+        self.kv_tokens = [list(p) for p in self.prompts]
+        try:
+            yield from self._fused_loop(session, first)
+        except GeneratorExit:  # stopped at an event, between whole forwards: the KV cache is sound
+            self._keep(session)
+            raise
+        self._keep(session)
+
+    def _keep(self, session: DecodeSession) -> None:
+        """Leave the session in the prompt cache with exactly what its KV cache holds."""
+        if self.prompt_cache is not None:
+            self.prompt_cache.store(session, self.kv_tokens[0])
+
+    def _fused_loop(self, session: DecodeSession, first: StepOutput) -> Iterator[Event]:
         if self.sampling is None:
             windows = [_Window(pending=int(first.tokens[b, 0])) for b in range(len(self.prompts))]
         else:
@@ -257,6 +283,8 @@ class Decoder:
                 if window.active:  # a row reads only its own window, never the batch's padding
                     keep[b] = yield from self._verify(b, window, feed[b, : 1 + len(window.slots)], out, mask)
             session.commit(keep)
+            for b, kept in enumerate(keep):
+                self.kv_tokens[b].extend(int(t) for t in feed[b, :kept])
 
     def _window_size(self, out: StepOutput, row: int, index: int) -> int:
         k = self._horizon(self._horizon_at(out, row, index), row, len(self.results[row].token_ids))
@@ -291,7 +319,12 @@ class Decoder:
         correction = exact if fed_guess is not None and fed_guess != mask else None
         if window.k > 1:
             yield Verify(b, accepted, correction, result.forwards)
-        if (yield from self._commit(b, [int(t) for t in fed[1 : accepted + 1]] + [exact], window.k)):
+        if correction is not None or accepted == 0:
+            how = "exact"  # the causal token after the run: a correction, or the next slot was a mask
+        else:
+            how = "bonus"  # every draft fed was accepted: one more exact token for free
+        sources = list(window.sources[:accepted]) + [how]
+        if (yield from self._commit(b, [int(t) for t in fed[1 : accepted + 1]] + [exact], window.k, sources)):
             window.active = False
             return accepted + 1
         window.pending = exact
@@ -401,7 +434,9 @@ class Decoder:
                 correction = causal[mismatch]
                 new = block[:mismatch] + [correction]
             yield Verify(row, mismatch, correction, result.forwards)
-            if (yield from self._commit(row, new, k)):
+            drafted = len(new) - 1 - (correction is not None)  # slot 0 is the exact prefix token
+            sources = (["exact"] + ["mask"] * drafted + ["exact"] * (correction is not None))[: len(new)]
+            if (yield from self._commit(row, new, k, sources)):
                 return
             if correction is not None:  # the authors' extra re-commit forward
                 out = session.forward(np.array([[correction]], dtype=np.int64))

@@ -89,6 +89,8 @@ class ToyLM:
 
 
 class ToySession:
+    logits = False
+
     def __init__(self, lm: ToyLM, prompts):
         self.lm = lm
         self.rows = [list(p) for p in prompts]
@@ -104,6 +106,17 @@ class ToySession:
         for b, k in enumerate(keep):
             self.rows[b].extend(self.pending[b][:k])
         self.pending = []
+
+    def truncate(self, lengths):
+        self.pending = []
+        self.rows = [row[:n] for row, n in zip(self.rows, lengths)]
+
+    def extend(self, tokens):
+        self.lm.forward_calls += 1
+        self.lm.prefilled = getattr(self.lm, "prefilled", 0) + sum(len(t) for t in tokens)
+        for row, new in zip(self.rows, tokens):
+            row.extend(int(t) for t in new)
+        return _stack([self.lm.outputs(row, len(row) - 1) for row in self.rows])
 
 
 class SamplingToyLM(ToyLM):

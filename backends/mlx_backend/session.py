@@ -27,6 +27,7 @@ class MLXSession:
         self.backend = backend
         self.logits = logits
         self.caches = [backend.new_cache() for _ in prompts]
+        self.lengths = [len(p) for p in prompts]  # committed tokens per row
         self._last_width = 0
         outs = [backend.step(mx.array([list(p)], dtype=mx.int32), cache, last_only=True, logits=logits)
                 for p, cache in zip(prompts, self.caches)]
@@ -45,7 +46,27 @@ class MLXSession:
             drop = self._last_width - int(kept)
             if drop > 0:
                 trim_prompt_cache(cache, drop)
+        self.lengths = [n + int(kept) for n, kept in zip(self.lengths, keep)]
         self._last_width = 0
+
+    def truncate(self, lengths: Sequence[int]) -> None:
+        """Rewind each row to its first ``lengths[b]`` committed tokens (a prompt cache's reuse)."""
+        if self._last_width:
+            self.commit([0] * len(self.caches))
+        if any(not 0 <= int(n) <= have for n, have in zip(lengths, self.lengths)):
+            raise ValueError(f"cannot truncate rows of lengths {self.lengths} to {list(lengths)}")
+        for cache, have, n in zip(self.caches, self.lengths, lengths):
+            if have > int(n):
+                trim_prompt_cache(cache, have - int(n))
+        self.lengths = [int(n) for n in lengths]
+
+    def extend(self, tokens: Sequence[Sequence[int]]) -> StepOutput:
+        """Prefill ``tokens[b]`` on top of row ``b``; the outputs at each row's last new token."""
+        self.backend.forward_calls += 1
+        outs = [self.backend.step(mx.array([list(row)], dtype=mx.int32), cache, last_only=True, logits=self.logits)
+                for row, cache in zip(tokens, self.caches)]
+        self.lengths = [n + len(row) for n, row in zip(self.lengths, tokens)]
+        return _stack(outs)
 
 
 def _stack(outs: list[StepOutput]) -> StepOutput:

@@ -74,3 +74,36 @@ class TorchSession:
         self.valid = torch.cat([self.valid, torch.arange(longest)[None, :] < keep_t[:, None]], dim=1)
         self.lengths = self.lengths + keep_t
         self._last_width = 0
+
+    def truncate(self, lengths: Sequence[int]) -> None:
+        """Rewind each row to its first ``lengths[b]`` committed tokens (a prompt cache's reuse).
+
+        A row's committed tokens are the valid columns of the shared cache; the columns after
+        its ``lengths[b]``-th one are hidden, and the cache is cropped to the widest row."""
+        if self._last_width:
+            self.commit([0] * len(self.lengths))
+        target = torch.as_tensor(list(lengths), dtype=torch.long)
+        if bool((target > self.lengths).any()) or bool((target < 0).any()):
+            raise ValueError(f"cannot truncate rows of lengths {self.lengths.tolist()} to {target.tolist()}")
+        kept = self.valid & (self.valid.cumsum(1) <= target[:, None])
+        columns = torch.nonzero(kept.any(0))
+        width = int(columns.max()) + 1 if len(columns) else 0
+        if self.valid.shape[1] > width:  # transformers crops by a count from the end
+            self.cache.crop(-(self.valid.shape[1] - width))
+        self.valid = kept[:, :width]
+        self.lengths = target
+
+    def extend(self, tokens: Sequence[Sequence[int]]) -> StepOutput:
+        """Prefill ``tokens[b]`` on top of row ``b``; the outputs at each row's last new token."""
+        counts = [len(t) for t in tokens]
+        ids = torch.zeros((len(tokens), max(counts)), dtype=torch.long)
+        for b, row in enumerate(tokens):
+            ids[b, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        width = ids.shape[1]
+        positions = self.lengths[:, None] + torch.arange(width)[None, :]
+        valid = torch.cat([self.valid, torch.ones((ids.shape[0], width), dtype=torch.bool)], dim=1)
+        self._last_width = width
+        self.backend.forward_calls += 1
+        out = self._run(ids, positions, valid, last=torch.tensor(counts) - 1)
+        self.commit(counts)
+        return out
