@@ -83,6 +83,7 @@ def browser():
 def page(browser, server):
     page = browser.new_page(viewport={"width": 1280, "height": 1500})
     page.goto(server)
+    page.get_by_role("tab", name="Live").click()  # the Chat tab opens first
     page.wait_for_selector("#fluid-generate", timeout=60_000)
     yield page
     page.close()
