@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 from conftest import ROOT
-from test_demo_browser import ARGS, CHROMIUM, free_port, set_number, sync_api
+from test_demo_browser import ARGS, CHROMIUM, MIN_CONTRAST, free_port, set_number, sync_api
 
 MAX_NEW = 12
 
@@ -33,27 +33,6 @@ OBSERVE = """() => {
   new MutationObserver(record).observe(live, {subtree: true, childList: true, characterData: true,
                                                attributes: true});
 }"""
-
-# The lowest WCAG contrast ratio between a slot's text and its background, over every slot shown.
-MIN_CONTRAST = """(selector) => {
-  const rgb = (s) => (s.match(/[\\d.]+/g) || []).map(Number);
-  const lum = ([r, g, b]) => {
-    const f = (c) => { c /= 255; return c <= 0.03928 ? c / 12.92 : Math.pow((c + 0.055) / 1.055, 2.4); };
-    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
-  };
-  let worst = 99;
-  for (const slot of document.querySelectorAll(selector + ' .fluid-slot')) {
-    const [r, g, b, a = 1] = rgb(getComputedStyle(slot).backgroundColor);
-    const bg = [r, g, b].map((c) => a * c + (1 - a) * 255);  // over the white page
-    for (const text of slot.querySelectorAll('span')) {
-      const fg = rgb(getComputedStyle(text).color);
-      const [hi, lo] = [lum(fg), lum(bg)].sort((x, y) => y - x);
-      worst = Math.min(worst, (hi + 0.05) / (lo + 0.05));
-    }
-  }
-  return worst;
-}"""
-
 
 @pytest.fixture(scope="module")
 def chat_server(tiny_model_dir, tmp_path_factory):

@@ -98,3 +98,33 @@ def test_least_recent_conversation_leaves_first():
     assert len(cache) == 2 and sorted(e.tokens[0] for e in cache._entries) == [20, 30]
     Decoder(lm, [[10, 5, 6, 9]], settings, prompt_cache=cache).run()
     assert cache.reused == 0  # conversation 10 was pushed out
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_truncate_and_extend_rows_of_a_batch_match_a_cold_start(tiny_model_dir, backend):
+    """The session methods themselves, on a batch whose rows kept different counts (the torch
+    cache then has holes): each row rewound and extended equals a fresh prefill of its tokens."""
+    import numpy as np
+
+    if backend == "mlx":
+        pytest.importorskip("mlx.core", reason="mlx is not installed")
+    options = {"device": "cpu"} if backend == "torch" else {}
+    model = fluid_app.load(str(tiny_model_dir("llama")), backend=backend, **options)
+    rows = [model.encode("Once upon a time"), model.encode("Paris is")]
+    session, _ = model.backend.start(rows)
+    held = [list(r) for r in rows]
+    for keep in ([3, 1], [0, 4], [2, 2]):
+        fed = np.array([[11, 12, 13, 14], [21, 22, 23, 24]])
+        session.forward(fed)
+        session.commit(keep)
+        held = [h + list(map(int, f[:k])) for h, f, k in zip(held, fed, keep)]
+    session.forward(np.array([[5, 5], [5, 5]]))  # a forward never committed: truncate drops it
+    lengths = [len(rows[0]) + 2, len(held[1]) - 1]
+    session.truncate(lengths)
+    tails = [[31, 32, 33], [41]]
+    out = session.extend(tails)
+    for b in range(2):
+        tokens = held[b][: lengths[b]] + tails[b]
+        _, cold = model.backend.start([tokens])
+        assert int(out.tokens[b, 0]) == int(cold.tokens[0, 0])
+        assert abs(float(out.confidence[b, 0]) - float(cold.confidence[0, 0])) < 1e-4
