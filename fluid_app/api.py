@@ -77,7 +77,8 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
     """The one check of a chat history, run before any model work: a non-empty list of
-    ``{"role", "content"}`` turns with known roles, text contents, and a user turn last."""
+    ``{"role", "content"}`` turns with known roles, text contents, not all blank. As in the
+    OpenAI API, any role may come last: the model writes the next assistant turn after it."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise FluidError("the chat history must be a non-empty list of {role, content} messages", "messages")
     checked = []
@@ -87,9 +88,11 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
             raise FluidError(f"message {i + 1} must be {{role, content}} with role one of {', '.join(CHAT_ROLES)} "
                              "and text content", "messages")
         checked.append({"role": message["role"], "content": message["content"]})
-    if checked[-1]["role"] != "user":
-        raise FluidError("the chat history must end with a user message, for the model to answer", "messages")
-    check_prompt(checked[-1]["content"])
+    if not any(message["content"].strip() for message in checked):
+        raise FluidError("the chat history is empty; write a message", "messages")
+    for message in checked:
+        if message["content"].strip():
+            check_prompt(message["content"])  # the UTF-8 check, on every turn with text
     return checked
 
 
@@ -125,7 +128,7 @@ class FluidModel:
         return list(self.tokenizer(prompt)["input_ids"])
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of a chat history (``[{"role", "content"}, ...]``, a user turn last) through
+        """Token ids of a chat history (``[{"role", "content"}, ...]``) through
         the model's chat template, ready for the assistant's reply."""
         messages = check_messages(messages)
         if not getattr(self.tokenizer, "chat_template", None):

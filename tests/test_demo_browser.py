@@ -123,6 +123,10 @@ def set_number(page, elem_id: str, value: float) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
+    # A slider takes the typed value on its range input a moment later; clicking on before that
+    # (easy on a busy machine) sends the old value.
+    page.wait_for_function("([id, v]) => { const r = document.querySelector(`#${id} input[type=range]`);"
+                           " return !r || Number(r.value) === v; }", arg=[elem_id, value], timeout=30_000)
 
 
 def status(page) -> str:

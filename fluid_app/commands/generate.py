@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     source.add_argument("--prompt")
     source.add_argument("--messages", metavar="FILE",
                         help="a chat history instead of a prompt: a JSON list of {role, content} messages "
-                             "(system, user, assistant; a user message last), through the chat template")
+                             "(system, user, assistant), through the chat template")
     add_decode_options(parser)
     parser.set_defaults(run=run)
 
