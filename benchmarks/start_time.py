@@ -13,7 +13,8 @@ What is timed, each ``--runs`` times (min and median printed):
   --max-new-tokens 4`` with an empty conversion cache (``FLUID_CACHE`` a new folder).
 * ``generate warm``: the same with the cache filled by a previous run.
 * ``app http`` and ``app answer`` (warm cache): ``python app.py --port P`` until ``GET /``
-  answers, then until the page's ``/generate`` endpoint has answered "Hi" (4 tokens).
+  answers, then until the Chat tab's ``/chat`` endpoint has answered the message "Hi"
+  (4 tokens).
 
 The cache folders are temporary: the user's own cache is never read or written.
 """
@@ -72,8 +73,11 @@ def app_times(env: dict[str, str]) -> tuple[float, float]:
                 time.sleep(0.1)
         http = time.perf_counter() - started
         client = Client(url, verbose=False)
-        client.predict("Hi", "default", "auto", True, "fluid", 4, 0.9, 5, 8, 0, api_name="/generate")
-        return http, time.perf_counter() - started
+        transcript = client.predict("Hi", "", "default", "auto", 4, 0.9, 5, 8, 0, api_name="/chat")[0]
+        answered = time.perf_counter() - started
+        if "Hi" not in transcript:
+            raise SystemExit(f"the Chat tab did not answer: {transcript[:500]}")
+        return http, answered
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 from .errors import FluidError
 from .events import Event
 from .model_refs import ModelSpec, resolve_model
+from .prompt_cache import PromptCache
 from .protocol import Backend
 from .sampler import Decoder, DecodeSettings, RowResult
 
@@ -71,13 +72,42 @@ def prompt_batch(prompts: Any) -> tuple[list[str | list[int]], bool]:
     raise FluidError(f"a prompt must be text or a list of token ids, or a list of those (got {kind})", "prompt")
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """The one check of a chat history, run before any model work: a non-empty list of
+    ``{"role", "content"}`` turns with known roles, text contents, not all blank. As in the
+    OpenAI API, any role may come last: the model writes the next assistant turn after it."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise FluidError("the chat history must be a non-empty list of {role, content} messages", "messages")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES \
+                or not isinstance(message.get("content"), str):
+            raise FluidError(f"message {i + 1} must be {{role, content}} with role one of {', '.join(CHAT_ROLES)} "
+                             "and text content", "messages")
+        checked.append({"role": message["role"], "content": message["content"]})
+    if not any(message["content"].strip() for message in checked):
+        raise FluidError("the chat history is empty; write a message", "messages")
+    for message in checked:
+        if message["content"].strip():
+            check_prompt(message["content"])  # the UTF-8 check, on every turn with text
+    return checked
+
+
 class FluidModel:
-    """A loaded model plus its FLUID settings, on one backend."""
+    """A loaded model plus its FLUID settings, on one backend.
+
+    :attr:`prompt_cache` keeps the KV caches of recent conversations; pass it to
+    :meth:`generate` or :meth:`stream` so that a chat's next turn prefills only its new tokens.
+    """
 
     def __init__(self, backend: Backend, spec: ModelSpec):
         self.backend = backend
         self.spec = spec
         self.config = backend.fluid_config
+        self.prompt_cache = PromptCache(backend)
 
     @property
     def tokenizer(self) -> Any:
@@ -97,12 +127,13 @@ class FluidModel:
             return self.encode_chat([{"role": "user", "content": prompt}])
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """Token ids of a conversation (``role``/``content`` turns) through the model's chat
-        template, ending where the assistant's reply begins."""
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a chat history (``[{"role", "content"}, ...]``) through
+        the model's chat template, ready for the assistant's reply."""
+        messages = check_messages(messages)
         if not getattr(self.tokenizer, "chat_template", None):
             raise FluidError("this model's tokenizer has no chat template; decode without chat", "chat")
-        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -114,10 +145,13 @@ class FluidModel:
         return DecodeSettings.from_config(self.config, mode=mode, max_new_tokens=max_new_tokens, **options)
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, chat: bool = False,
-                 **options: Any) -> Generation | list[Generation]:
-        """Decode one prompt (returns a Generation) or a batch (returns a list)."""
+                 prompt_cache: PromptCache | None = None, **options: Any) -> Generation | list[Generation]:
+        """Decode one prompt (returns a Generation) or a batch (returns a list). With a
+        ``prompt_cache`` (e.g. :attr:`prompt_cache`) a single prompt reuses the KV cache of an
+        earlier decode it extends, and leaves its own there for the next."""
         batch, single = prompt_batch(prompts)
-        decoder = Decoder(self.backend, [self.encode(p, chat) for p in batch], self.settings(**options))
+        decoder = Decoder(self.backend, [self.encode(p, chat) for p in batch], self.settings(**options),
+                          prompt_cache=prompt_cache)
         started = time.perf_counter()
         results = decoder.run()
         elapsed = time.perf_counter() - started
@@ -125,13 +159,15 @@ class FluidModel:
                    for r in results]
         return outputs[0] if single else outputs
 
-    def stream(self, prompt: str | Sequence[int], *, chat: bool = False,
+    def stream(self, prompt: str | Sequence[int], *, chat: bool = False, prompt_cache: PromptCache | None = None,
                **options: Any) -> Iterator[Event | Generation]:
-        """Yield the sampler's events as they happen, then the final :class:`Generation`."""
+        """Yield the sampler's events as they happen, then the final :class:`Generation`
+        (``prompt_cache`` as in :meth:`generate`)."""
         batch, single = prompt_batch(prompt)
         if not single:
             raise FluidError("stream takes one prompt; pass a text or a list of token ids", "prompt")
-        decoder = Decoder(self.backend, [self.encode(batch[0], chat)], self.settings(**options))
+        decoder = Decoder(self.backend, [self.encode(batch[0], chat)], self.settings(**options),
+                          prompt_cache=prompt_cache)
         yield from decoder.events()
         yield self._generation(decoder.results[0], decoder.settings.mode, None)
 

@@ -11,6 +11,11 @@ only its own window, never the batch's padding, so its tokens are what it would 
 Rows join between forwards (:meth:`join`: prefilled on their own, then appended to the
 session) and leave as soon as they finish or are cancelled (:meth:`leave`), freeing their
 cache before the next forward instead of riding along until the whole batch ends.
+
+Each decoder's :attr:`~fluid_app.sampler.Decoder.kv_tokens` follows exactly what its rows'
+KV cache holds (the prompt, then every forward's kept tokens). A decoder with a prompt cache
+runs a batch of its own, started on the cached session (``join(..., started=...)``), and
+hands that session and those tokens back to the cache when the decode ends or is stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 import numpy as np
 
 from .events import Event
-from .protocol import Backend, DecodeSession
+from .protocol import Backend, DecodeSession, StepOutput
 
 if TYPE_CHECKING:
     from .sampler import Decoder
@@ -68,22 +73,32 @@ class FusedBatch:
     def rows_per_forward(self) -> float:
         return self.rows_fed / self.forwards if self.forwards else 0.0
 
-    def join(self, decoder: Decoder, rows: Sequence[int] | None = None) -> Iterator[Tagged]:
+    def join(self, decoder: Decoder, rows: Sequence[int] | None = None,
+             started: tuple[DecodeSession, StepOutput] | None = None) -> Iterator[Tagged]:
         """Prefill ``decoder``'s rows (all by default) and add them to the batch; yields each
-        row's first committed token (and its end, if that token already ends it)."""
+        row's first committed token (and its end, if that token already ends it).
+
+        ``started``: a session already holding exactly these rows' prompts, and the outputs at
+        their last tokens, to run the batch on instead of a prefill (a prompt cache's session);
+        only an empty batch takes one."""
         rows = list(range(len(decoder.prompts))) if rows is None else list(rows)
         prompts = [decoder.prompts[r] for r in rows]
         logits = decoder.sampling is not None or any(lane.decoder.sampling is not None for lane in self.lanes)
-        started = time.perf_counter()
-        if self.session is None:
+        began = time.perf_counter()
+        if started is not None:
+            assert self.session is None, "only an empty batch starts on a given session"
+            self.session, first = started
+        elif self.session is None:
             self.session, first = self.backend.start(prompts, logits=logits)
         else:
             self.session.logits = logits
             first = self.session.add(prompts)
+        for row, prompt in zip(rows, prompts):
+            decoder.kv_tokens[row] = list(prompt)
         lanes = []
         for i, row in enumerate(rows):
             window = yield from _tagged(decoder, decoder._open(row, first, i))
-            lanes.append(Lane(decoder, row, window, started))
+            lanes.append(Lane(decoder, row, window, began))
         self.lanes += lanes
         self._retire([lane for lane in lanes if not lane.window.active])
 
@@ -105,6 +120,8 @@ class FusedBatch:
                                                                          out, i, mask))
             keep.append(kept)
         self.session.commit(keep)
+        for i, (lane, kept) in enumerate(zip(self.lanes, keep)):
+            lane.decoder.kv_tokens[lane.row].extend(int(t) for t in feed[i, :kept])
         self._retire([lane for lane in self.lanes if not lane.window.active])
 
     def leave(self, decoder: Decoder) -> None:

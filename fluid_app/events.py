@@ -41,12 +41,21 @@ class Verify:
     forwards: int
 
 
+TOKEN_SOURCES = ("exact", "mask", "lookup", "bonus")
+
+
 @dataclass(frozen=True)
 class Commit:
+    """Newly committed tokens and how each came: ``exact`` (the causal output after the last
+    committed token: the prefill's token, a correction, or the token after a masked slot),
+    ``mask`` / ``lookup`` (an accepted draft of that source) or ``bonus`` (the exact token
+    after a run whose every draft was accepted)."""
+
     row: int
     tokens: list[int]  # newly committed token ids (exactly greedy AR tokens)
     total: int  # new tokens committed so far in this row
     forwards: int
+    sources: tuple[str, ...] = ()  # one of TOKEN_SOURCES per token
 
 
 @dataclass(frozen=True)

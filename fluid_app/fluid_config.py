@@ -20,6 +20,10 @@ from .errors import FluidError
 from .files import write_json_atomic
 
 CONFIG_FILENAME = "fluid_config.json"
+# Conversations whose KV cache a loaded model keeps between turns (fluid_app/prompt_cache.py):
+# a few, so a handful of chats stay warm while memory stays bounded (~46 KB per token each
+# for SmolLM2-135M in float32).
+PROMPT_CACHE_SLOTS = 4
 
 
 @dataclass(frozen=True)

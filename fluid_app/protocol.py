@@ -35,10 +35,14 @@ class DecodeSession(Protocol):
 
     The batch is continuous: between a :meth:`commit` and the next :meth:`forward`, rows may
     join (:meth:`add`) and leave (:meth:`drop`). Rows are numbered by their place in the
-    batch; ``add`` appends at the end and ``drop`` closes the gaps, keeping the order.
+    batch; ``add`` appends at the end and ``drop`` closes the gaps, keeping the order. Rows
+    can also be rewound (:meth:`truncate`) and prefilled further (:meth:`extend`), which is
+    how a prompt cache reuses a conversation's session for its next turn.
     """
 
-    logits: bool  # outputs carry full logits; the core may switch it between forwards
+    # outputs carry full logits; the core may switch it between forwards (rows with other
+    # settings joined or left, a session reused for a new decode)
+    logits: bool
 
     def forward(self, tokens: np.ndarray) -> StepOutput:
         """Run ``tokens[B, T]`` at each row's next ``T`` positions; cache them provisionally."""
@@ -52,6 +56,17 @@ class DecodeSession(Protocol):
 
     def drop(self, rows: Sequence[int]) -> None:
         """Remove these rows from the batch and free their cache at once."""
+
+    def truncate(self, lengths: Sequence[int]) -> None:
+        """Row ``b`` keeps only its first ``lengths[b]`` committed tokens (at most what it holds);
+        a forward not yet committed is dropped first. How a prompt cache rewinds a conversation
+        to the prefix the next turn shares with it (:mod:`fluid_app.prompt_cache`)."""
+
+    def extend(self, tokens: Sequence[Sequence[int]]) -> StepOutput:
+        """Append ``tokens[b]`` (at least one) to row ``b`` as committed tokens, like a prefill on
+        top of what the row holds, and return the outputs at each row's last new token
+        (``[B, 1]`` arrays, as :meth:`Backend.start` does). Between a commit and the next
+        forward, like :meth:`add`."""
 
 
 @runtime_checkable

@@ -27,11 +27,12 @@ from typing import Any, Generator, Iterator, Sequence
 import numpy as np
 
 from .acceptance import sample, verify_chain
-from .batching import FusedBatch
+from .batching import FusedBatch, Tagged
 from .errors import FluidError
 from .events import BlockStart, Commit, Draft, Event, Finished, Verify
 from .fluid_config import FluidConfig, check_decoding, is_confident
 from .lookup import lookup_continuation
+from .prompt_cache import PromptCache
 from .protocol import Backend, StepOutput
 from .warping import SamplingSettings, check_sampling, check_seed
 
@@ -138,7 +139,8 @@ class Decoder:
     After the iterator is exhausted, :attr:`results` holds one :class:`RowResult` per prompt.
     """
 
-    def __init__(self, backend: Backend, prompts: Sequence[Sequence[int]], settings: DecodeSettings):
+    def __init__(self, backend: Backend, prompts: Sequence[Sequence[int]], settings: DecodeSettings,
+                 prompt_cache: PromptCache | None = None):
         self.backend = backend
         self.settings = settings.validate()
         self.prompts = [list(p) for p in prompts]
@@ -154,6 +156,11 @@ class Decoder:
         if settings.mode != "ar" and backend.mask_token_id is None:
             raise FluidError("this model has no MASK token; decode in mode 'ar' or load a FLUID checkpoint", "mode")
         self.results = [RowResult() for _ in self.prompts]
+        # A single-prompt ar/fluid decode can start from (and leave its KV cache in) a prompt cache.
+        self.prompt_cache = prompt_cache if len(self.prompts) == 1 and settings.mode != "reference" else None
+        # per row: exactly the tokens its KV cache row holds in the fused loop (the prompt once
+        # prefilled, then each forward's kept tokens; FusedBatch keeps it), what a prompt cache stores
+        self.kv_tokens: list[list[int]] = [[] for _ in self.prompts]
         self._window_limit: int | None = None
         self.sampling = self.settings.sampling
         # one generator per row, seeded by the request alone: a row draws the same alone or in a batch
@@ -188,14 +195,17 @@ class Decoder:
         result.finish_reason = reason
         return taken, bool(reason)
 
-    def _commit(self, row: int, tokens: list[int], block_k: int | None = None) -> Generator[Event, None, bool]:
+    def _commit(self, row: int, tokens: list[int], block_k: int | None = None,
+                sources: Sequence[str] = ()) -> Generator[Event, None, bool]:
         """Append exact tokens to a row and announce them (and the row's end); True when it ended.
-        ``block_k``: the horizon of the block these tokens close (none for the prefill's token)."""
+        ``block_k``: the horizon of the block these tokens close (none for the prefill's token);
+        ``sources``: how each token came (:class:`~fluid_app.events.Commit`), "exact" if not given."""
         result = self.results[row]
         taken, done = self._append(row, tokens)
         if block_k is not None:
             result.blocks.append({"k": block_k, "accepted": len(taken)})
-        yield Commit(row, taken, len(result.token_ids), result.forwards)
+        sources = tuple(sources or ("exact",) * len(tokens))[: len(taken)]
+        yield Commit(row, taken, len(result.token_ids), result.forwards, sources)
         if done:
             yield Finished(row, result.finish_reason, result.forwards)
         return done
@@ -206,18 +216,14 @@ class Decoder:
 
     # -- driver ------------------------------------------------------------------------------
     def events(self) -> Iterator[Event]:
-        start = time.perf_counter()
         mode = self.settings.mode
         if mode == "reference":
             for row in range(len(self.prompts)):
                 row_start = time.perf_counter()
                 yield from self._reference_row(row)
                 self.results[row].seconds = time.perf_counter() - row_start
-        else:
+        else:  # each row's seconds are its own, from its prefill to its last token (FusedBatch)
             yield from self._fused(window_limit=1 if mode == "ar" else None)
-            elapsed = time.perf_counter() - start
-            for result in self.results:
-                result.seconds = elapsed
 
     def run(self) -> list[RowResult]:
         for _ in self.events():
@@ -233,10 +239,29 @@ class Decoder:
         outputs, so nothing is ever forwarded twice. The loop itself is a
         :class:`~fluid_app.batching.FusedBatch` holding this decoder's rows; a finished row
         leaves it (and frees its cache) at once, and a server adds other decoders' rows to it.
+
+        With a :attr:`prompt_cache` (one prompt, this decoder's own single-row batch) the batch
+        starts from the cached session that shares the longest prefix with the prompt, and when
+        the decode ends or is stopped that session goes back to the cache holding exactly
+        :attr:`kv_tokens`.
         """
         self._window_limit = window_limit
         batch = FusedBatch(self.backend)
-        for _, event in batch.join(self):
+        if self.prompt_cache is None:
+            yield from self._drain(batch, batch.join(self))
+            return
+        session, first = self.prompt_cache.start(self.prompts[0], logits=self.sampling is not None)
+        try:
+            yield from self._drain(batch, batch.join(self, started=(session, first)))
+        except GeneratorExit:  # stopped at an event; a forward not yet committed is dropped by store
+            self.prompt_cache.store(session, self.kv_tokens[0])
+            raise
+        self.prompt_cache.store(session, self.kv_tokens[0])
+
+    @staticmethod
+    def _drain(batch: FusedBatch, joined: Iterator[Tagged]) -> Iterator[Event]:
+        """This decoder's events while its rows join ``batch`` and then until every row has left."""
+        for _, event in joined:
             yield event
         while batch:
             for _, event in batch.step():
@@ -292,7 +317,12 @@ class Decoder:
         correction = exact if fed_guess is not None and fed_guess != mask else None
         if window.k > 1:
             yield Verify(b, accepted, correction, result.forwards)
-        if (yield from self._commit(b, [int(t) for t in fed[1 : accepted + 1]] + [exact], window.k)):
+        if correction is not None or accepted == 0:
+            how = "exact"  # the causal token after the run: a correction, or the next slot was a mask
+        else:
+            how = "bonus"  # every draft fed was accepted: one more exact token for free
+        sources = list(window.sources[:accepted]) + [how]
+        if (yield from self._commit(b, [int(t) for t in fed[1 : accepted + 1]] + [exact], window.k, sources)):
             window.active = False
             return accepted + 1
         window.pending = exact
@@ -402,7 +432,9 @@ class Decoder:
                 correction = causal[mismatch]
                 new = block[:mismatch] + [correction]
             yield Verify(row, mismatch, correction, result.forwards)
-            if (yield from self._commit(row, new, k)):
+            drafted = len(new) - 1 - (correction is not None)  # slot 0 is the exact prefix token
+            sources = (["exact"] + ["mask"] * drafted + ["exact"] * (correction is not None))[: len(new)]
+            if (yield from self._commit(row, new, k, sources)):
                 return
             if correction is not None:  # the authors' extra re-commit forward
                 out = session.forward(np.array([[correction]], dtype=np.int64))

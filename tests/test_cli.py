@@ -120,3 +120,23 @@ def test_config_file_expands_to_flags_and_typed_flags_win(tmp_path):
         expand_config(["train", "stage1", "--config", str(recipe)])
     proc = run_cli("train", "stage1", "--config", str(tmp_path / "missing.json"))
     assert_one_line_error(proc, "config file", "not found")
+
+
+def test_a_chat_history_may_end_with_any_role_but_not_be_blank(tmp_path):
+    """As in the OpenAI API, a history may end with an assistant turn (the model writes the next
+    one); a blank or malformed history is refused before any model loads."""
+    from fluid_app.api import check_messages
+    from fluid_app.errors import FluidError
+
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "Hello"}]
+    assert check_messages(history) == history
+    for bad, needle in [([], "non-empty list"), ([{"role": "user", "content": "  "}], "history is empty"),
+                        ([{"role": "bot", "content": "x"}], "role one of"),
+                        ([{"role": "user", "content": 3}], "text content")]:
+        with pytest.raises(FluidError, match=needle):
+            check_messages(bad)
+    path = tmp_path / "blank.json"
+    path.write_text('[{"role": "user", "content": " "}]')
+    assert_one_line_error(run_cli("generate", "--model", "/no/such/model", "--messages", str(path)),
+                          "history is empty")

@@ -162,10 +162,11 @@ def test_bad_input_is_a_one_line_message(served, prompt, model, k_min, k_max, me
     assert message in text and "Traceback" not in text and "\n" not in text.strip()
 
 
-def test_the_model_list_serves_only_the_allowed_models(served, tiny_model_dir, tmp_path):
+def test_the_model_list_serves_only_the_allowed_models(served, tiny_model_dir, tmp_path, capfd):
     """Listed models load; anything else gets one message, the same whether the path is an
     existing file, an existing folder (even a real model) or nothing at all: the value is
-    checked against the list, never looked up on the server's disk."""
+    checked against the list, never looked up on the server's disk. The server's console
+    gets one line per refusal, not a traceback."""
     model, _, client = served
     gpt2 = str(tiny_model_dir("gpt2"))
     listed = [c for c in client.config["components"] if c.get("props", {}).get("elem_id") == "fluid-model"]
@@ -181,6 +182,8 @@ def test_the_model_list_serves_only_the_allowed_models(served, tiny_model_dir, t
         messages.add(str(caught.value).replace(probe, "X"))
     assert len(messages) == 1, messages  # Gradio's own answer for a value not in the list, whatever it names
     assert "X is not in the list of choices" in messages.pop()
+    console = capfd.readouterr().err
+    assert "Traceback" not in console and console.count("user error: ") >= len(probes), console
 
 
 def _two_users_at_once(model: str, loaded, concurrency: int) -> tuple[int, dict[int, tuple]]:

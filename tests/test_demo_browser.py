@@ -40,6 +40,35 @@ OBSERVE = """() => {
   record();
 }"""
 
+# The lowest WCAG contrast ratio between a slot's text and its background, over every slot shown.
+MIN_CONTRAST = """(selector) => {
+  const rgb = (s) => (s.match(/[\\d.]+/g) || []).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = (c) => { c /= 255; return c <= 0.03928 ? c / 12.92 : Math.pow((c + 0.055) / 1.055, 2.4); };
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  let worst = 99;
+  for (const slot of document.querySelectorAll(selector + ' .fluid-slot')) {
+    const [r, g, b, a = 1] = rgb(getComputedStyle(slot).backgroundColor);
+    const bg = [r, g, b].map((c) => a * c + (1 - a) * 255);  // over the white page
+    for (const text of slot.querySelectorAll('span')) {
+      const fg = rgb(getComputedStyle(text).color);
+      const [hi, lo] = [lum(fg), lum(bg)].sort((x, y) => y - x);
+      worst = Math.min(worst, (hi + 0.05) / (lo + 0.05));
+    }
+  }
+  return worst;
+}"""
+
+# Where the plot's legend sits, against the plot's own box (a legend below the box is clipped).
+LEGEND_BOX = """() => {
+  const plot = document.querySelector('#fluid-plot').getBoundingClientRect();
+  const legend = document.querySelector('#fluid-plot .role-legend');
+  if (!legend) return null;
+  const box = legend.getBoundingClientRect();
+  return {inside: box.top >= plot.top && box.bottom <= plot.bottom && box.height > 0, text: legend.textContent};
+}"""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -83,6 +112,7 @@ def browser():
 def page(browser, server):
     page = browser.new_page(viewport={"width": 1280, "height": 1500})
     page.goto(server)
+    page.get_by_role("tab", name="Live").click()  # the Chat tab opens first
     page.wait_for_selector("#fluid-generate", timeout=60_000)
     yield page
     page.close()
@@ -93,6 +123,10 @@ def set_number(page, elem_id: str, value: float) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
+    # A slider takes the typed value on its range input a moment later; clicking on before that
+    # (easy on a busy machine) sends the old value.
+    page.wait_for_function("([id, v]) => { const r = document.querySelector(`#${id} input[type=range]`);"
+                           " return !r || Number(r.value) === v; }", arg=[elem_id, value], timeout=30_000)
 
 
 def status(page) -> str:
@@ -118,6 +152,10 @@ def test_live_view_streams_block_states_then_replays(page, tmp_path):
     assert any("fluid-mask" in s for s in intermediate)  # blocks start as masks
     assert page.locator("#fluid-text textarea").input_value().strip() != ""
     assert "10 tokens" in page.locator("#fluid-stats textarea").input_value()
+    assert page.evaluate(MIN_CONTRAST, "#fluid-live") >= 4.5  # token text readable on every slot
+    page.wait_for_function("() => document.querySelector('#fluid-plot .role-legend')", timeout=30_000)
+    legend = page.evaluate(LEGEND_BOX)
+    assert legend["inside"] and "mean tokens/forward" in legend["text"], legend
 
     page.screenshot(path=str(tmp_path / "fluid-demo.png"), full_page=True)
     page.screenshot(path="/tmp/fluid-demo.png", full_page=True)
@@ -185,6 +223,7 @@ def test_stop_cancels_generation_promptly(page):
     time.sleep(2.0)  # at 200 ms per update a running decode would add ~10 states here
     assert page.evaluate("() => window.__live.length") == settled
     assert not status(page).startswith("done")
+    assert page.locator("#fluid-stats textarea").input_value().startswith("stopped")
 
 
 def test_model_list_offers_the_served_models_and_takes_no_typing(page, tiny_model_dir):

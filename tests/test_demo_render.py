@@ -88,8 +88,12 @@ def test_view_of_a_real_decode_matches_the_generation(tiny_model_dir, mode):
     assert view.tokens_per_forward == pytest.approx(generation.tokens_per_forward, abs=1e-3)
     assert view.finish_reason == generation.finish_reason
     ks = [b["k"] for b in generation.blocks]
-    # the fused loop announces its first window always, later ones only when wider than 1
-    assert view.horizons == (ks if mode == "reference" else ks[:1] + [k for k in ks[1:] if k > 1])
+    # the fused loop announces its first window always, later ones only when wider than 1; AR's
+    # blocks are its tokens, each counted by the view
+    assert view.horizons == (ks if mode != "fluid" else ks[:1] + [k for k in ks[1:] if k > 1])
+    assert len(view.sources) == len(view.committed)
+    for source in ("mask", "lookup") if mode != "reference" else ():  # each accepted draft shows its source
+        assert view.sources.count(source) == generation.drafts[source]["accepted"]
     assert all(s.state in SLOT_STATES for f in view.frames for s in f.slots)
     assert len({f.slots for f in view.frames}) > 3  # the view actually moves
     html = slots_html(view.frames[-1], lambda t: model.tokenizer.decode([t]), view.horizons)
@@ -178,3 +182,65 @@ def test_the_ui_never_imports_torch_or_mlx():
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_ar_caption_counts_blocks_of_one():
+    view = LiveView("ar")
+    view.feed(Commit(0, [5], 1, 0))
+    view.feed(BlockStart(0, 1, 1, 0))
+    for i in range(1, 4):
+        view.feed(Commit(0, [5 + i], 1 + i, i))
+    assert [f.block for f in view.frames] == [0, 1, 1, 2, 3]
+    assert "block 3 · k = 1" in slots_html(view.frames[-1], str, view.horizons)
+
+
+def test_a_block_ended_by_eos_shows_no_masks():
+    view = LiveView("fluid")
+    view.feed(Commit(0, [10], 1, 0))
+    view.feed(BlockStart(0, 4, 1, 0))
+    view.feed(Draft(0, 0, [10, 11, None, None], [1.0, 0.95, 0.0, 0.0], [True, True, False, False], 0))
+    view.feed(Verify(0, 1, None, 1))
+    view.feed(Commit(0, [11, 2], 3, 1))  # 2 is EOS: the row ends inside the block
+    view.feed(Finished(0, "eos", 1))
+    assert "mask" not in states(view) and states(view) == ["exact", "accepted", "exact"]
+
+
+def _luminance(colour: str) -> float:
+    channels = [int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def _contrast(a: str, b: str) -> float:
+    hi, lo = sorted([_luminance(a), _luminance(b)], reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_every_slot_colour_pair_reads():
+    """WCAG AA (4.5:1) for each state's text on its background; drafts at any confidence,
+    their translucent blue blended over the white page."""
+    from fluid_app.ui.render import STYLES, Slot, _slot_style
+
+    for state, (background, text, _) in STYLES.items():
+        assert _contrast(background, text) >= 4.5, state
+    for confidence in (0.0, 0.5, 0.9, 1.0):
+        style = _slot_style(Slot(1, "draft", confidence))
+        r, g, b, alpha = (float(x) for x in style.split("rgba(")[1].split(")")[0].split(","))
+        blended = "#" + "".join(f"{round(alpha * c + (1 - alpha) * 255):02x}" for c in (r, g, b))
+        text = style.split("color:")[1].split(";")[0]
+        assert _contrast(blended, text) >= 4.5, confidence
+
+
+def test_chat_pieces_keep_characters_split_across_tokens():
+    from fluid_app.ui.chat import Conversation, Turn, token_pieces, transcript_html
+
+    data = "é!".encode()  # é is two bytes: two "tokens" of one byte each
+
+    def decode(ids):
+        return bytes(data[i] for i in ids).decode("utf-8", errors="replace")
+
+    pieces = token_pieces(decode, [0, 1, 2], ["exact", "mask", "bonus"])
+    assert pieces == (("", "exact"), ("é", "mask"), ("!", "bonus"))
+    assert token_pieces(decode, [0, 1, 2], ["exact", "mask", "bonus"], pieces[:1]) == pieces
+    html = transcript_html(Conversation([Turn("hi <b>", "é!", pieces, "2 tokens", "done")]))
+    assert "hi &lt;b&gt;" in html and "accepted mask draft 1" in html and "bonus token 1" in html

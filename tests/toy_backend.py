@@ -94,6 +94,14 @@ class ToySession:
         self.rows = [list(p) for p in prompts]
         self.pending: list[list[int]] = []
 
+    @property
+    def logits(self) -> bool:  # the protocol's switch; only SamplingToyLM has logits to give
+        return bool(getattr(self.lm, "with_logits", False))
+
+    @logits.setter
+    def logits(self, value: bool) -> None:
+        self.lm.with_logits = bool(value)
+
     def forward(self, tokens: np.ndarray) -> StepOutput:
         self.lm.forward_calls += 1
         self.pending = [list(map(int, row)) for row in tokens]
@@ -113,6 +121,17 @@ class ToySession:
     def drop(self, rows):
         gone = set(rows)
         self.rows = [r for b, r in enumerate(self.rows) if b not in gone]
+
+    def truncate(self, lengths):
+        self.pending = []
+        self.rows = [row[:n] for row, n in zip(self.rows, lengths)]
+
+    def extend(self, tokens):
+        self.lm.forward_calls += 1
+        self.lm.prefilled = getattr(self.lm, "prefilled", 0) + sum(len(t) for t in tokens)
+        for row, new in zip(self.rows, tokens):
+            row.extend(int(t) for t in new)
+        return _stack([self.lm.outputs(row, len(row) - 1) for row in self.rows])
 
 
 class SamplingToyLM(ToyLM):

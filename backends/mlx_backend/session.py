@@ -6,7 +6,9 @@ row's cache back by the slots it did not keep (``KVCache.trim`` only moves the o
 nothing is copied). Rows never share a tensor, so there are no holes, masks or position
 ids to manage: every row sees exactly its own committed tokens at consecutive positions,
 which is what makes FLUID lossless. Rows join (:meth:`MLXSession.add`, prefilled on new
-caches) and leave (:meth:`MLXSession.drop`, their caches released) between forwards.
+caches) and leave (:meth:`MLXSession.drop`, their caches released) between forwards; a
+prompt cache rewinds a row (:meth:`MLXSession.truncate`, a trim) and prefills more tokens on
+top (:meth:`MLXSession.extend`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class MLXSession:
         self.backend = backend
         self.logits = logits
         self.caches = [backend.new_cache() for _ in prompts]
+        self.lengths = [len(p) for p in prompts]  # committed tokens per row
         self._last_width = 0
         outs = [backend.step(mx.array([list(p)], dtype=mx.int32), cache, last_only=True, logits=logits)
                 for p, cache in zip(prompts, self.caches)]
@@ -35,16 +38,21 @@ class MLXSession:
 
     def add(self, prompts: Sequence[Sequence[int]]) -> StepOutput:
         """Prefill ``prompts`` on caches of their own and append them to the batch."""
+        assert self._last_width == 0, "add rows between a commit and the next forward"
         self.backend.forward_calls += 1
         caches = [self.backend.new_cache() for _ in prompts]
         outs = [self.backend.step(mx.array([list(p)], dtype=mx.int32), cache, last_only=True, logits=self.logits)
                 for p, cache in zip(prompts, caches)]
         self.caches += caches
+        self.lengths += [len(p) for p in prompts]
         return _stack(outs)
 
     def drop(self, rows: Sequence[int]) -> None:
+        """Remove ``rows``; their caches are released."""
+        assert self._last_width == 0, "drop rows between a commit and the next forward"
         gone = set(int(r) for r in rows)
         self.caches = [cache for b, cache in enumerate(self.caches) if b not in gone]
+        self.lengths = [n for b, n in enumerate(self.lengths) if b not in gone]
 
     def forward(self, tokens: np.ndarray) -> StepOutput:
         tokens = np.asarray(tokens, dtype=np.int64)
@@ -59,7 +67,28 @@ class MLXSession:
             drop = self._last_width - int(kept)
             if drop > 0:
                 trim_prompt_cache(cache, drop)
+        self.lengths = [n + int(kept) for n, kept in zip(self.lengths, keep)]
         self._last_width = 0
+
+    def truncate(self, lengths: Sequence[int]) -> None:
+        """Rewind each row to its first ``lengths[b]`` committed tokens (a prompt cache's reuse)."""
+        if self._last_width:
+            self.commit([0] * len(self.caches))
+        if len(lengths) != len(self.lengths) or any(not 0 <= int(n) <= have for n, have in zip(lengths, self.lengths)):
+            raise ValueError(f"cannot truncate rows of lengths {self.lengths} to {list(lengths)}")
+        for cache, have, n in zip(self.caches, self.lengths, lengths):
+            if have > int(n):
+                trim_prompt_cache(cache, have - int(n))
+        self.lengths = [int(n) for n in lengths]
+
+    def extend(self, tokens: Sequence[Sequence[int]]) -> StepOutput:
+        """Prefill ``tokens[b]`` on top of row ``b``; the outputs at each row's last new token."""
+        assert self._last_width == 0, "extend rows between a commit and the next forward"
+        self.backend.forward_calls += 1
+        outs = [self.backend.step(mx.array([list(row)], dtype=mx.int32), cache, last_only=True, logits=self.logits)
+                for row, cache in zip(tokens, self.caches)]
+        self.lengths = [n + len(row) for n, row in zip(self.lengths, tokens)]
+        return _stack(outs)
 
 
 def _stack(outs: list[StepOutput]) -> StepOutput:

@@ -10,6 +10,10 @@ The batch is continuous. :meth:`TorchSession.add` prefills new rows in a session
 own and concatenates its cache along the batch dimension (the narrower cache padded with
 masked holes). :meth:`TorchSession.drop` index-selects the remaining rows and then removes
 every cache column none of them uses, so a finished row's memory goes at once.
+
+A prompt cache reuses a session: :meth:`TorchSession.truncate` hides each row's columns past
+the prefix it keeps (and cuts the columns no row uses, as ``drop`` does) and
+:meth:`TorchSession.extend` prefills more tokens on top, as committed ones.
 """
 
 from __future__ import annotations
@@ -105,6 +109,49 @@ class TorchSession:
         self.valid = torch.cat([self.valid, torch.arange(longest)[None, :] < keep_t[:, None]], dim=1)
         self.lengths = self.lengths + keep_t
         self._last_width = 0
+
+    def truncate(self, lengths: Sequence[int]) -> None:
+        """Rewind each row to its first ``lengths[b]`` committed tokens (a prompt cache's reuse).
+
+        A row's committed tokens are the valid columns of the shared cache; the columns after
+        its ``lengths[b]``-th one are hidden, and every column no row uses any more is cut, as
+        :meth:`drop` does (cropped from the end, without a copy, when they are all there)."""
+        if self._last_width:
+            self.commit([0] * len(self.lengths))
+        target = torch.as_tensor(list(lengths), dtype=torch.long)
+        if target.shape != self.lengths.shape or bool((target > self.lengths).any()) or bool((target < 0).any()):
+            raise ValueError(f"cannot truncate rows of lengths {self.lengths.tolist()} to {target.tolist()}")
+        kept = self.valid & (self.valid.cumsum(1) <= target[:, None])
+        used = kept.any(0)
+        columns = used.nonzero().flatten()
+        width = int(columns.max()) + 1 if len(columns) else 0
+        if len(columns) == width:  # the unused columns are all at the end
+            if self.valid.shape[1] > width:  # transformers crops by a count from the end
+                self.cache.crop(-(self.valid.shape[1] - width))
+            self.valid = kept[:, :width]
+        else:
+            columns_d = columns.to(self.device)
+            for layer in self.cache.layers:
+                layer.keys = layer.keys.index_select(2, columns_d)
+                layer.values = layer.values.index_select(2, columns_d)
+            self.valid = kept[:, columns]
+        self.lengths = target
+
+    def extend(self, tokens: Sequence[Sequence[int]]) -> StepOutput:
+        """Prefill ``tokens[b]`` on top of row ``b``; the outputs at each row's last new token."""
+        assert self._last_width == 0, "extend rows between a commit and the next forward"
+        counts = [len(t) for t in tokens]
+        ids = torch.zeros((len(tokens), max(counts)), dtype=torch.long)
+        for b, row in enumerate(tokens):
+            ids[b, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        width = ids.shape[1]
+        positions = self.lengths[:, None] + torch.arange(width)[None, :]
+        valid = torch.cat([self.valid, torch.ones((ids.shape[0], width), dtype=torch.bool)], dim=1)
+        self._last_width = width
+        self.backend.forward_calls += 1
+        out = self._run(ids, positions, valid, last=torch.tensor(counts) - 1)
+        self.commit(counts)
+        return out
 
 
 def _pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

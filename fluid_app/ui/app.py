@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+import sys
 import time
 from typing import Any, Iterator, Sequence
 
@@ -31,6 +32,7 @@ from ..api import check_prompt
 from ..errors import FluidError, phrase
 from ..fluid_config import FluidConfig
 from ..sampler import MODES, DecodeSettings
+from .chat import Conversation, Turn, messages, reply_stats, token_pieces, transcript_html, with_reply
 from .render import LiveView, legend_html, plot_data, race_summary, sampling_text, slots_html, stats_text
 from .runner import Activity, ModelCache, ModelChoices, Run, TokenText, race, verdict
 
@@ -40,8 +42,15 @@ EXAMPLES = ["Tell me about the Moon.", "Write a haiku about fast decoding.",
             "List the first ten prime numbers."]
 
 
+# The race's two block views keep one height, so the text boxes under them line up.
+PAGE_CSS = ".fluid-race-live {height: 11em; overflow-y: auto}"
+
+
 def _fail(message: str) -> gr.Error:
-    return gr.Error(message, duration=None)
+    """The toast for a user's mistake. The server console gets one line, not a traceback:
+    a typo in a box is not a server fault."""
+    print(f"user error: {message}", file=sys.stderr, flush=True)
+    return gr.Error(message, duration=None, print_exception=False)
 
 
 # How the page names the options a library error points at (the CLI names its flags).
@@ -52,6 +61,7 @@ CONTROLS = {"prompt": "the Prompt box", "k_min": "the k_min slider", "k_max": "t
             "prompt_lookup_num_tokens": "the model's fluid_config.json",
             "temperature": "the Temperature slider", "top_p": "the Top-p slider", "top_k": "the Top-k box",
             "seed": "the Seed box"}
+CHAT_CONTROLS = {"prompt": "the Message box", "messages": "the Message box"}
 RANDOM_SEED = -1  # the Seed box's "draw a new seed every run" (an empty box means the same)
 
 
@@ -78,9 +88,25 @@ def named_slider(*args: Any, **kwargs: Any) -> gr.Slider:
     return slider
 
 
-def _clean_error(exc: Exception) -> str:
+def quiet_refusals(component: Any) -> Any:
+    """Make Gradio's own refusal of a value (a drop-down value not in its list) a one-line
+    user error instead of a traceback in the server console; the words stay Gradio's."""
+    check = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return check(payload)
+        except gr.Error as exc:
+            raise _fail(str(exc.message)) from None
+
+    component.preprocess = preprocess  # type: ignore[method-assign]
+    return component
+
+
+def _clean_error(exc: Exception, names: dict[str, str] | None = None) -> str:
+    """One line for the page; ``names`` renames controls for one tab (the Chat tab's Message box)."""
     if isinstance(exc, FluidError):
-        return phrase(exc, CONTROLS)
+        return phrase(exc, {**CONTROLS, **(names or {})})
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first}"[:300]
 
@@ -257,6 +283,98 @@ class DemoApp:
                 yield (self._busy(status),) + panels() + (skip,)
         yield ("done",) + panels() + (race_summary(verdict(ar, fluid)),)
 
+    # -- chat ----------------------------------------------------------------------------------
+    def chat(self, message: str, conversation: Conversation | None, system: str, model: str, backend: str,
+             max_new_tokens: float, threshold: float, k_min: float, k_max: float, slow_ms: float = 0,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: float | None = 0,
+             seed: float | None = RANDOM_SEED) -> Iterator[tuple]:
+        """One chat turn: the history through the chat template, the reply streamed into the
+        transcript as blocks commit, the block being decoded beside it.
+
+        Outputs: transcript, block view, conversation state, message box, status. The model's
+        prompt cache keeps the conversation's KV cache, so a turn prefills only what is new."""
+        skip = gr.skip()
+        conversation = Conversation([t if t.state != "decoding" else with_reply(t, t.reply, t.pieces, t.stats,
+                                                                                  "stopped")
+                                     for t in (conversation.turns if conversation else [])])
+        try:
+            sampling = _sampling(temperature, top_p, top_k, seed)
+            _check_input(message, k_min, k_max, "fluid", **sampling)
+            loaded, lock = self._load(model, backend)
+            ids = loaded.encode_chat(messages(system or "", conversation.turns, message))
+            run = Run.start(loaded, lock, ids, False, "fluid", prompt_cache=loaded.prompt_cache,
+                            max_new_tokens=int(max_new_tokens), threshold=float(threshold), k_min=int(k_min),
+                            k_max=int(k_max), **sampling)
+        except FluidError as exc:
+            message = _clean_error(exc, CHAT_CONTROLS)
+            yield (skip, skip, skip, skip, f"error: {message}")
+            raise _fail(message) from None
+        reused = loaded.prompt_cache
+        conversation.turns.append(Turn(message))
+        yield (transcript_html(conversation), slots_html(None, str), conversation.copy(), "",
+               f"decoding a reply to {len(ids)} prompt tokens, {sampling_text(run.sampling)}")
+        with self.activity:
+            yield from self._chat_watch(run, loaded, conversation, float(slow_ms), reused)
+
+    def _chat_watch(self, run: Run, loaded: Any, conversation: Conversation, slow_ms: float,
+                    cache: Any) -> Iterator[tuple]:
+        """The decode loop of :meth:`chat`, page updates throttled; the state is a fresh copy
+        at every update, so a Stop keeps exactly the partial reply on screen."""
+        skip = gr.skip()
+        token_text = TokenText(loaded.tokenizer)
+        view = run.view
+        pieces: tuple = ()
+        status = ""
+        last_update = 0.0
+
+        def update(state: str) -> tuple:
+            nonlocal pieces
+            pieces = token_pieces(loaded.decode, view.committed, view.sources, pieces)
+            stats = reply_stats(len(view.committed), view.forwards, run.busy)
+            conversation.turns[-1] = with_reply(conversation.turns[-1], loaded.decode(view.committed), pieces,
+                                                stats, state)
+            frame = view.frames[-1] if view.frames else None
+            return (transcript_html(conversation), slots_html(frame, token_text, view.horizons),
+                    conversation.copy(), skip)
+
+        while not run.done:
+            try:
+                run.step()
+            except FluidError as exc:
+                yield (skip, skip, skip, skip, f"error: {_clean_error(exc)}")
+                raise _fail(_clean_error(exc)) from None
+            if not status:  # the first step prefilled: the cache has said how much it reused
+                status = (f"decoding: {cache.reused} prompt tokens reused from this conversation's cache, "
+                          f"{cache.prefilled} prefilled; {sampling_text(run.sampling)}")
+            now = time.perf_counter()
+            if run.done or not view.frames:
+                continue
+            if slow_ms > 0:
+                time.sleep(slow_ms / 1000.0)
+            elif now - last_update < UPDATE_INTERVAL_S:
+                continue
+            last_update = now
+            yield update("decoding") + (self._busy(status),)
+        yield update("done") + (f"done: {conversation.turns[-1].stats}; {status.removeprefix('decoding: ')}",)
+
+    def retry(self, conversation: Conversation | None, *args: Any) -> Iterator[tuple]:
+        """Regenerate the last reply: the last user message again, on the history before it."""
+        if not conversation or not conversation.turns:
+            yield (gr.skip(),) * 4 + ("error: there is no reply to retry yet",)
+            raise _fail("there is no reply to retry yet; send a message first")
+        last = conversation.turns[-1]
+        yield from self.chat(last.user, Conversation(conversation.turns[:-1]), *args)
+
+    @staticmethod
+    def stopped_chat(conversation: Conversation | None) -> tuple:
+        """Stop: the reply keeps what was shown, marked stopped (the next turn continues from it)."""
+        if not conversation or not conversation.turns:
+            return gr.skip(), gr.skip(), "stopped"
+        turns = [t if t.state != "decoding" else with_reply(t, t.reply, t.pieces, t.stats, "stopped")
+                 for t in conversation.turns]
+        conversation = Conversation(turns)
+        return transcript_html(conversation), conversation, "stopped"
+
     # -- page ------------------------------------------------------------------------------
     def _model_control(self) -> gr.Dropdown:
         """The Model list. With an allow-list it is read-only, and Gradio itself turns away a
@@ -267,8 +385,9 @@ class DemoApp:
             return gr.Dropdown(self.models.names, value=self.models.default, allow_custom_value=True,
                                filterable=True, elem_id="fluid-model",
                                label="Model (pick, or type 'default', a folder on this machine or a cached Hub id)")
-        return gr.Dropdown(self.models.names, value=self.models.default, allow_custom_value=False, filterable=False,
-                           elem_id="fluid-model", label="Model (the models this demo serves)")
+        return quiet_refusals(gr.Dropdown(self.models.names, value=self.models.default, allow_custom_value=False,
+                                          filterable=False, elem_id="fluid-model",
+                                          label="Model (the models this demo serves)"))
 
     def build(self) -> gr.Blocks:
         d = self.defaults
@@ -278,16 +397,17 @@ class DemoApp:
                         "verified against the model's own next-token choice, in fewer forwards: at "
                         "temperature 0 the output is exactly what greedy AR would write; above 0 it "
                         "follows the model's sampling distribution exactly (not AR's draws token for token).")
-            with gr.Row():
+            with gr.Row(visible=False) as prompt_row:  # the Live and Race tabs' prompt (Chat has its own box)
                 with gr.Column(scale=2):
                     prompt = gr.Textbox(label="Prompt", lines=3, value=EXAMPLES[0], elem_id="fluid-prompt")
                     gr.Examples(EXAMPLES, inputs=prompt)
                 with gr.Column(scale=1):
                     chat = gr.Checkbox(label="Chat (wrap in the chat template)", value=True)
-                    max_new = named_slider(1, 1024, value=DecodeSettings.max_new_tokens, step=1,
-                                          label="Max new tokens", elem_id="fluid-max-new")
-                    slow = named_slider(0, 1000, value=0, step=10, label="Slow motion (ms per view update)",
-                                       elem_id="fluid-slow")
+            with gr.Row():
+                max_new = named_slider(1, 1024, value=DecodeSettings.max_new_tokens, step=1,
+                                      label="Max new tokens", elem_id="fluid-max-new")
+                slow = named_slider(0, 1000, value=0, step=10, label="Slow motion (ms per view update)",
+                                   elem_id="fluid-slow")
             with gr.Accordion("Model and sampler settings", open=False):
                 with gr.Row():
                     model = self._model_control()
@@ -309,7 +429,24 @@ class DemoApp:
                                      elem_id="fluid-seed")
             status = gr.Textbox(label="Status", interactive=False, elem_id="fluid-status")
             with gr.Tabs():
-                with gr.Tab("Live"):
+                with gr.Tab("Chat", elem_id="fluid-chat-tab") as chat_tab:
+                    with gr.Row():
+                        with gr.Column(scale=3):
+                            transcript = gr.HTML(transcript_html(Conversation()), elem_id="fluid-chat")
+                            message = gr.Textbox(label="Message", lines=2, elem_id="fluid-chat-message",
+                                                 placeholder="Type a message; Enter sends, Shift+Enter a new line")
+                            with gr.Row():
+                                send = gr.Button("Send", variant="primary", elem_id="fluid-chat-send")
+                                chat_stop = gr.Button("Stop", variant="stop", elem_id="fluid-chat-stop")
+                                retry = gr.Button("Retry", elem_id="fluid-chat-retry")
+                                clear = gr.Button("Clear", elem_id="fluid-chat-clear")
+                            system = gr.Textbox(label="System prompt (optional)", lines=1,
+                                                elem_id="fluid-chat-system")
+                        with gr.Column(scale=2):
+                            gr.HTML(legend_html())
+                            chat_live = gr.HTML(slots_html(None, str), elem_id="fluid-chat-live")
+                    conversation = gr.State(Conversation())
+                with gr.Tab("Live") as live_tab:
                     with gr.Row():
                         mode = gr.Radio(list(MODES)[::-1], value="fluid", label="Mode")
                         go = gr.Button("Generate", variant="primary", elem_id="fluid-generate")
@@ -319,25 +456,28 @@ class DemoApp:
                     text = gr.Textbox(label="Committed text", lines=6, interactive=False, elem_id="fluid-text")
                     with gr.Row():
                         plot = gr.LinePlot(x="forward", y="value", color="series", label="Tokens per forward and k",
-                                           x_title="forward", y_title="", height=340)
+                                           x_title="forward", y_title="tokens per forward, k", color_title="",
+                                           elem_id="fluid-plot")
                         stats = gr.Textbox(label="Stats", interactive=False, elem_id="fluid-stats")
                     with gr.Accordion("Result (as fluid generate --json)", open=False):
                         result = gr.JSON(show_label=False)
                     replay_at = gr.Slider(0, 1, value=0, step=1, label="Replay: step through the finished decode",
                                           interactive=True, elem_id="fluid-replay")
                     replay_state = gr.State(None)
-                with gr.Tab("Race vs AR"):
+                with gr.Tab("Race vs AR") as race_tab:
                     with gr.Row():
                         race_go = gr.Button("Race FLUID vs AR", variant="primary", elem_id="fluid-race")
                         race_stop = gr.Button("Stop", variant="stop")
                     summary = gr.Markdown(elem_id="fluid-verdict")
                     with gr.Row():
                         with gr.Column():
-                            ar_html = gr.HTML(slots_html(None, str, title="AR"))
+                            ar_html = gr.HTML(slots_html(None, str, title="AR"), elem_id="fluid-ar-live",
+                                              elem_classes="fluid-race-live")
                             ar_text = gr.Textbox(label="AR text", lines=6, interactive=False, elem_id="fluid-ar-text")
                             ar_stats = gr.Textbox(label="AR", interactive=False)
                         with gr.Column():
-                            fl_html = gr.HTML(slots_html(None, str, title="FLUID"))
+                            fl_html = gr.HTML(slots_html(None, str, title="FLUID"), elem_id="fluid-fl-live",
+                                              elem_classes="fluid-race-live")
                             fl_text = gr.Textbox(label="FLUID text", lines=6, interactive=False,
                                                  elem_id="fluid-fl-text")
                             fl_stats = gr.Textbox(label="FLUID", interactive=False)
@@ -354,11 +494,32 @@ class DemoApp:
                             temperature, top_p, top_k, seed],
                 [status, ar_html, ar_text, ar_stats, fl_html, fl_text, fl_stats, summary], api_name="race",
                 concurrency_id="decode", concurrency_limit=self.concurrency, show_progress="hidden")
-            for button in (stop, race_stop):
-                button.click(lambda: "stopped", None, status, cancels=[gen_event, race_event], api_name=False,
-                             queue=False)
+            stop.click(stopped_stats, stats, [status, stats], cancels=[gen_event], api_name=False, queue=False)
+            race_stop.click(lambda: "stopped", None, status, cancels=[race_event], api_name=False, queue=False)
+            chat_inputs = [system, model, backend, max_new, threshold, k_min, k_max, slow, temperature, top_p, top_k,
+                           seed]
+            chat_outputs = [transcript, chat_live, conversation, message, status]
+            chat_events = [
+                trigger(self.chat, [message, conversation, *chat_inputs], chat_outputs, api_name=name,
+                        concurrency_id="decode", concurrency_limit=self.concurrency, show_progress="hidden")
+                for trigger, name in ((send.click, "chat"), (message.submit, False))]
+            chat_events.append(retry.click(self.retry, [conversation, *chat_inputs], chat_outputs, api_name=False,
+                                           concurrency_id="decode", concurrency_limit=self.concurrency,
+                                           show_progress="hidden"))
+            chat_stop.click(self.stopped_chat, conversation, [transcript, conversation, status], cancels=chat_events,
+                            api_name=False, queue=False)
+            clear.click(lambda: (transcript_html(Conversation()), slots_html(None, str), Conversation(), "", ""),
+                        None, chat_outputs, cancels=chat_events, api_name=False, queue=False)
+            chat_tab.select(lambda: gr.Row(visible=False), None, prompt_row, api_name=False, queue=False)
+            for tab in (live_tab, race_tab):
+                tab.select(lambda: gr.Row(visible=True), None, prompt_row, api_name=False, queue=False)
         demo.queue(default_concurrency_limit=self.concurrency)
         return demo
+
+
+def stopped_stats(stats: str) -> tuple[str, str]:
+    """Stop on the Live tab: the status says so, and so does the Stats box (not "running")."""
+    return "stopped", ("stopped" + stats[len("running"):]) if (stats or "").startswith("running") else stats
 
 
 def warm_up(model: Any) -> None:
@@ -429,7 +590,7 @@ def launch(model: str = "default", backend: str = "auto", host: str = "127.0.0.1
         defaults = {"threshold": c.threshold, "k_min": c.k_min, "k_max": c.k_max}
     demo = DemoApp(cache, model, backend, defaults, concurrency, models=models).build()
     _, url, share_url = demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
-                                    theme=theme(), ssr_mode=False, quiet=False, show_error=False,
+                                    theme=theme(), css=PAGE_CSS, ssr_mode=False, quiet=False, show_error=False,
                                     auth=list(auth) if auth else None,
                                     auth_message="Log in with the user name and password this demo was started with."
                                     if auth else None)

@@ -29,13 +29,13 @@ from ..events import BlockStart, Commit, Draft, Finished, Verify
 
 SLOT_STATES = ("mask", "draft", "exact", "accepted", "corrected", "bonus", "discarded")
 
-STYLES = {  # state -> (background, text colour, border)
-    "mask": ("#f3f4f6", "#9ca3af", "1px dashed #9ca3af"),
+STYLES = {  # state -> (background, text colour, border); every pair has a contrast of at least 4.5:1
+    "mask": ("#f3f4f6", "#4b5563", "1px dashed #9ca3af"),
     "exact": ("#334155", "#ffffff", "1px solid #334155"),
-    "accepted": ("#16a34a", "#ffffff", "1px solid #15803d"),
-    "corrected": ("#ea580c", "#ffffff", "1px solid #c2410c"),
-    "bonus": ("#0d9488", "#ffffff", "1px solid #0f766e"),
-    "discarded": ("#e5e7eb", "#6b7280", "1px solid #d1d5db"),
+    "accepted": ("#15803d", "#ffffff", "1px solid #166534"),
+    "corrected": ("#c2410c", "#ffffff", "1px solid #9a3412"),
+    "bonus": ("#0f766e", "#ffffff", "1px solid #115e59"),
+    "discarded": ("#e5e7eb", "#4b5563", "1px solid #d1d5db"),
 }
 LEGEND = [("mask", "mask"), ("draft", "draft (darker = more confident)"), ("exact", "exact (causal)"),
           ("accepted", "accepted draft"), ("corrected", "rejected draft -> corrected"),
@@ -70,6 +70,7 @@ class LiveView:
 
     mode: str = "fluid"
     committed: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # how each committed token came (events.TOKEN_SOURCES)
     slots: list[Slot] = field(default_factory=list)
     horizons: list[int] = field(default_factory=list)  # k of each block, in order
     points: list[dict[str, float]] = field(default_factory=list)
@@ -155,6 +156,9 @@ class LiveView:
         first = ev.forwards == 0  # the token from the prefill forward
         verified, self._verified = self._verified, False
         self.committed.extend(int(t) for t in ev.tokens)
+        self.sources.extend(ev.sources or ("exact",) * len(ev.tokens))
+        if self.mode == "ar" and self._commits > 2:  # AR: every token after the first block is a block of one
+            self.horizons.append(1)
         if self.mode == "ar" or (self.mode == "fluid" and not verified):  # a window of one token
             self.slots = [Slot(int(t), "exact", 1.0) for t in ev.tokens]
         elif self.mode == "fluid" and len(ev.tokens) == self._accepted + 1:
@@ -180,7 +184,11 @@ class LiveView:
         return f"committed {len(ev.tokens)} token(s); {len(self.committed)} so far"
 
     def _finished(self, ev: Finished) -> str:
+        """The row ended (EOS, or the length) inside a block: its masks will never be filled
+        and its drafts never verified, so the block shows only what it committed."""
         self.finish_reason = ev.reason
+        self.slots = [replace(s, state="discarded") if s.state == "draft" else s
+                      for s in self.slots if s.state != "mask"]
         return f"finished ({ev.reason}): {len(self.committed)} tokens in {self.forwards} forwards"
 
 
@@ -193,10 +201,9 @@ def token_label(text: str) -> str:
 
 
 def _slot_style(slot: Slot) -> str:
-    if slot.state == "draft":  # blue, opacity grows with confidence
-        alpha = 0.2 + 0.8 * max(0.0, min(1.0, slot.confidence))
-        text = "#ffffff" if alpha > 0.55 else "#1e3a8a"
-        return f"background:rgba(37,99,235,{alpha:.2f});color:{text};border:1px solid #1d4ed8"
+    if slot.state == "draft":  # blue, deeper with confidence, light enough for dark text to read
+        alpha = 0.12 + 0.4 * max(0.0, min(1.0, slot.confidence))
+        return f"background:rgba(37,99,235,{alpha:.2f});color:#172554;border:1px solid #1d4ed8"
     background, color, border = STYLES[slot.state]
     return f"background:{background};color:{color};border:{border}"
 
@@ -219,12 +226,13 @@ def slots_html(frame: Frame | None, token_text: Callable[[int], str], horizons: 
     parts.append('<div class="fluid-slots">')
     for slot in frame.slots:
         label = "▒" if slot.token is None else token_label(token_text(slot.token))
-        inner = f"<span>{html.escape(label)}</span>"
+        # The page's stylesheet colours every span; the slot's text colour must win inside it.
+        inner = f'<span style="color:inherit">{html.escape(label)}</span>'
         if slot.state == "corrected" and slot.replaced is not None:
             wrong = token_label(token_text(slot.replaced))
-            inner = f'<s style="opacity:0.75;font-size:0.8em">{html.escape(wrong)}</s>' + inner
+            inner = f'<s style="opacity:0.75;font-size:0.8em;color:inherit">{html.escape(wrong)}</s>' + inner
         elif slot.state in ("draft", "mask") and slot.confidence > 0:
-            inner += f'<span style="font-size:0.7em;opacity:0.85">{slot.confidence:.2f}</span>'
+            inner += f'<span style="font-size:0.7em;opacity:0.85;color:inherit">{slot.confidence:.2f}</span>'
         style = box + ";" + _slot_style(slot) + (";text-decoration:line-through" if slot.state == "discarded" else "")
         parts.append(f'<span class="fluid-slot fluid-{slot.state}" style="{style}" '
                      f'title="{slot.state}">{inner}</span>')
@@ -241,8 +249,8 @@ def legend_html() -> str:
     chips = []
     for state, label in LEGEND:
         style = _slot_style(Slot(1, state, 0.8))
-        chips.append(f'<span style="{style};padding:1px 6px;border-radius:4px;margin-right:6px;'
-                     f'font-size:0.8em">{html.escape(label)}</span>')
+        chips.append(f'<span style="{style};padding:1px 6px;border-radius:4px;margin:0 6px 3px 0;'
+                     f'font-size:0.8em;display:inline-block;white-space:nowrap">{html.escape(label)}</span>')
     return '<div class="fluid-legend">' + "".join(chips) + "</div>"
 
 

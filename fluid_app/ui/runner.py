@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 from ..api import FluidModel, Generation
 from ..errors import FluidError
 from ..model_refs import canonical_reference
+from ..prompt_cache import PromptCache
 from ..sampler import DecodeSettings
 from .render import LiveView
 
@@ -174,13 +175,14 @@ class Run:
     settings: DecodeSettings | None = None  # as validated: the race's verdict reads the sampling from it
 
     @classmethod
-    def start(cls, model: FluidModel, lock: threading.Lock, prompt: str, chat: bool, mode: str,
-              **options: Any) -> "Run":
-        """Validate everything cheap up front so bad input fails before any forward."""
+    def start(cls, model: FluidModel, lock: threading.Lock, prompt: str | Sequence[int], chat: bool, mode: str,
+              prompt_cache: PromptCache | None = None, **options: Any) -> "Run":
+        """Validate everything cheap up front so bad input fails before any forward.
+        ``prompt_cache``: reuse (and leave) the KV cache of a conversation this prompt extends."""
         settings = model.settings(mode=mode, **options)
         model.encode(prompt, chat)
-        return cls(model, lock, LiveView(mode), model.stream(prompt, chat=chat, mode=mode, **options),
-                   settings=settings)
+        stream = model.stream(prompt, chat=chat, mode=mode, prompt_cache=prompt_cache, **options)
+        return cls(model, lock, LiveView(mode), stream, settings=settings)
 
     @property
     def done(self) -> bool:
