@@ -70,22 +70,32 @@ def level(server: Server, model_id: str, prompts: list[str], clients: int, mode:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--backend", default="torch")
-    parser.add_argument("--prompts", default=str(ROOT / "benchmarks" / "sharegpt_heldout_10.jsonl"))
+    parser.add_argument("--model", default="default",
+                        help="model reference, as for `fluid serve` (default, a folder, a .gguf, a cached Hub id)")
+    parser.add_argument("--backend", default="torch", help="backend of the server (default: torch)")
+    parser.add_argument("--prompts", default=str(ROOT / "benchmarks" / "sharegpt_heldout_10.jsonl"),
+                        help="JSONL file of {\"prompt\": ...} lines (default: benchmarks/sharegpt_heldout_10.jsonl)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--clients", default="1,4,8")
-    parser.add_argument("--modes", default="fluid,ar")
+    parser.add_argument("--max-tokens", type=int, default=128, help="max_tokens of every request (default: 128)")
+    parser.add_argument("--clients", default="1,4,8",
+                        help="comma-separated levels of concurrency; the server gets as many rows as the "
+                             "largest (default: 1,4,8)")
+    parser.add_argument("--modes", default="fluid,ar", help="comma-separated decode modes (default: fluid,ar)")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    parser.add_argument("--log", default=str(ROOT / "runs" / "serve_load.log"),
+                        help="the server's log (default: runs/serve_load.log in the repository)")
     args = parser.parse_args()
     prompts = load_prompts(Path(args.prompts), args.limit)
     levels = [int(c) for c in args.clients.split(",")]
     modes = args.modes.split(",")
-    log = Path("serve_load.log").resolve()
-    server = Server("--model", args.model, "--backend", args.backend, "--max-batch", str(max(levels)),
-                    "--max-queue", str(max(levels)), log=log)
+    log = Path(args.log).resolve()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    # the server runs from the repository root: a model folder or file given relative to here
+    # is handed over as an absolute path, while clients keep asking for it by the name given
+    model_ref = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     model_id = args.model
+    server = Server("--model", model_ref, "--model-id", model_id, "--backend", args.backend,
+                    "--max-batch", str(max(levels)), "--max-queue", str(max(levels)), log=log)
     rows: dict[tuple[str, int], dict[str, float]] = {}
     try:
         level(server, model_id, prompts[:1], 1, modes[0], 8)  # warm-up

@@ -1,5 +1,6 @@
 """``fluid serve`` end to end: a real server process on 127.0.0.1 driven by the real ``openai``
-client and raw HTTP. Every reply equals the model's own solo greedy decode; malformed
+client and raw HTTP. Every reply equals the model's own solo greedy decode, in text and (with
+``return_token_ids``) token for token; malformed
 requests get their status and OpenAI-shaped error while a concurrent stream completes intact;
 a client that hangs up frees its row; concurrent requests share forwards."""
 
@@ -21,6 +22,7 @@ pytest.importorskip("openai")
 import openai  # noqa: E402
 
 KEY = "test-key"
+IDS = {"return_token_ids": True}
 QUESTION = "Paris is the capital of"
 PROMPT = "The quick brown fox"
 
@@ -49,6 +51,22 @@ def expected(model, prompt: str, chat: bool, max_tokens: int) -> tuple[str, list
     return model.decode(ids), ids
 
 
+def streamed(chunks, decode=None) -> tuple[str, list[int]]:
+    """Text and token ids of a stream (asked with ``return_token_ids``). With ``decode``, checks
+    that every chunk but the final one (which carries the rest) holds ids of text already shown:
+    the ids so far decode to a prefix of the text so far."""
+    text, ids = "", []
+    for chunk in chunks:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        text += (choice.delta.content or "") if hasattr(choice, "delta") else choice.text
+        ids += choice.model_extra["token_ids"]
+        if decode is not None and choice.finish_reason is None:
+            assert text.startswith(decode(ids)), (text, ids)
+    return text, ids
+
+
 def test_chat_and_completions_streamed_and_not(server, solo):
     client = server.client()
     model_id = client.models.list().data[0].id
@@ -56,17 +74,29 @@ def test_chat_and_completions_streamed_and_not(server, solo):
     chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": QUESTION}],
                                           max_tokens=24)
     assert chat.choices[0].message.content == text
+    assert "token_ids" not in (chat.choices[0].model_extra or {})  # only when asked
     usage = chat.usage.model_dump()
     assert usage["completion_tokens"] == len(ids) and usage["forwards"] >= 1 and usage["tokens_per_forward"] > 0
     chunks = list(client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": QUESTION}],
                                                  max_tokens=24, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert not any("token_ids" in (c.choices[0].model_extra or {}) for c in chunks if c.choices)
     assert chunks[-1].usage.completion_tokens == len(ids)
+    chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": QUESTION}],
+                                          max_tokens=24, extra_body=IDS)
+    assert chat.choices[0].message.content == text and chat.choices[0].model_extra["token_ids"] == ids
+    chunks = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": QUESTION}],
+                                            max_tokens=24, stream=True, extra_body=IDS)
+    assert streamed(chunks, solo.decode) == (text, ids)
     text, ids = expected(solo, PROMPT, False, 30)
     done = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=30)
     assert done.choices[0].text == text and done.choices[0].finish_reason in ("stop", "length")
-    streamed = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=30, stream=True)
-    assert "".join(c.choices[0].text for c in streamed) == text
+    chunks = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=30, stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == text
+    done = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=30, extra_body=IDS)
+    assert done.choices[0].model_extra["token_ids"] == ids and done.usage.completion_tokens == len(ids)
+    chunks = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=30, stream=True, extra_body=IDS)
+    assert streamed(chunks, solo.decode) == (text, ids)
     sampled = solo.generate(PROMPT, max_new_tokens=30, temperature=0.8, top_k=40, seed=5)
     done = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=30, temperature=0.8, seed=5,
                                      extra_body={"top_k": 40})
@@ -75,16 +105,22 @@ def test_chat_and_completions_streamed_and_not(server, solo):
 
 def test_stop_strings_never_leak(server, solo):
     client = server.client()
-    text, _ = expected(solo, PROMPT, False, 40)
+    text, ids = expected(solo, PROMPT, False, 40)
     start = next(i for i in range(10, len(text) - 3) if text[i:i + 3].isascii() and text[i:i + 3].isprintable())
     stop = text[start:start + 3]  # lands inside a block
     cut = text[: text.index(stop)]
+    # the reply's ids run through the token that completes the stop string, like a one-token decoder's
+    through = ids[: next(n for n in range(len(ids) + 1) if stop in solo.decode(ids[:n]))]
     done = client.completions.create(model=client.models.list().data[0].id,
-                                     prompt=PROMPT, max_tokens=40, stop=[stop, "never-there"])
+                                     prompt=PROMPT, max_tokens=40, stop=[stop, "never-there"], extra_body=IDS)
     assert done.choices[0].text == cut and done.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model=client.models.list().data[0].id, prompt=PROMPT, max_tokens=40,
-                                         stop=stop, stream=True)
-    assert "".join(c.choices[0].text for c in streamed) == cut
+    assert done.choices[0].model_extra["token_ids"] == through and done.usage.completion_tokens == len(through)
+    chunks = client.completions.create(model=client.models.list().data[0].id, prompt=PROMPT, max_tokens=40,
+                                       stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == cut
+    chunks = client.completions.create(model=client.models.list().data[0].id, prompt=PROMPT, max_tokens=40,
+                                       stop=stop, stream=True, extra_body=IDS)
+    assert streamed(chunks, solo.decode) == (cut, through)
 
 
 def test_models_and_api_key(server, tiny):
@@ -117,6 +153,8 @@ def bad_requests(model_id: str, context: int) -> list[tuple[str, object, int, st
         (chat, {"model": model_id, "messages": user, "k_min": 9, "k_max": 2}, 422, "k_min"),
         (chat, {"model": model_id, "messages": user, "stop": 7}, 400, "stop"),
         (chat, {"model": model_id, "messages": user, "stream": "yes"}, 400, "stream"),
+        (chat, {"model": model_id, "messages": user, "return_token_ids": "yes"}, 400, "return_token_ids"),
+        (comp, {"model": model_id, "prompt": "hi", "return_token_ids": 1}, 400, "return_token_ids"),
         (chat, {"model": model_id, "messages": user, "frobnicate": 1}, 400, "frobnicate"),
         (chat, {"model": "no-such-model", "messages": user}, 404, "model"),
         (comp, {"model": model_id, "prompt": "word " * (context + 10)}, 422, "prompt"),
@@ -171,11 +209,12 @@ def test_client_gone_mid_stream_frees_its_row(server, tiny):
 
 def test_concurrent_requests_share_forwards_and_a_full_queue_is_503(server, solo, tiny):
     prompts = [PROMPT, QUESTION, "Once upon a time", "def add(a, b):", "1, 2, 3,", "Rome is"]
-    want = [expected(solo, p, False, 40)[0] for p in prompts]
+    want = [expected(solo, p, False, 40) for p in prompts]
     client = server.client()
 
-    def one(prompt: str) -> str:
-        return client.completions.create(model=tiny, prompt=prompt, max_tokens=40).choices[0].text
+    def one(prompt: str) -> tuple[str, list[int]]:
+        choice = client.completions.create(model=tiny, prompt=prompt, max_tokens=40, extra_body=IDS).choices[0]
+        return choice.text, choice.model_extra["token_ids"]
 
     before = server.health()
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
@@ -210,9 +249,9 @@ def test_mlx_server_gives_the_same_greedy_text(tiny, solo, tmp_path):
         client = srv.client()
         prompts = [PROMPT, QUESTION, "Once upon a time"]
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            got = list(pool.map(lambda p: client.completions.create(model=tiny, prompt=p, max_tokens=30)
-                                .choices[0].text, prompts))
-        assert got == [expected(solo, p, False, 30)[0] for p in prompts]
+            got = list(pool.map(lambda p: client.completions.create(model=tiny, prompt=p, max_tokens=30,
+                                                                    extra_body=IDS).choices[0], prompts))
+        assert [(c.text, c.model_extra["token_ids"]) for c in got] == [expected(solo, p, False, 30) for p in prompts]
         assert srv.health()["max_rows_per_forward"] > 1
     finally:
         srv.stop()
@@ -225,15 +264,15 @@ def test_sixteen_streams_on_the_default_model_equal_solo_greedy(smollm2, tmp_pat
                "Who wrote Hamlet?", "Explain gravity briefly.", "List three fruits.", "What is Python?",
                "Say hello in French.", "What is the capital of Japan?", "Give me a tip for sleep.",
                "What is a noun?", "Describe a cat.", "Why is the sky blue?", "Count to five.", "What is DNA?"]
-    want = [smollm2.decode(smollm2.generate(p, chat=True, max_new_tokens=24).token_ids) for p in prompts]
+    want = [expected(smollm2, p, True, 24) for p in prompts]
     srv = Server("--model", "default", "--backend", "torch", "--max-batch", "16", log=tmp_path / "default.log")
     try:
         client = srv.client()
 
-        def one(prompt: str) -> str:
+        def one(prompt: str) -> tuple[str, list[int]]:
             chunks = client.chat.completions.create(model="default", messages=[{"role": "user", "content": prompt}],
-                                                    max_tokens=24, stream=True)
-            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                                                    max_tokens=24, stream=True, extra_body=IDS)
+            return streamed(chunks, smollm2.decode)
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             assert list(pool.map(one, prompts)) == want

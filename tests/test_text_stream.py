@@ -48,3 +48,28 @@ def test_stop_strings_never_leak_across_commits():
             pieces, stream = run(tokenizer, ids, ["zzz", stop], random.Random(seed))
             assert "".join(pieces) == cut, (stop, seed, pieces)
             assert stream.stopped == (stop != "absent")
+
+
+def test_token_ids_are_accounted_with_the_text():
+    """``emitted_tokens`` only counts tokens whose text is all shown; after a stop string the
+    reply's ids end at the token completing it, however the commits were split."""
+    tokenizer = build_tokenizer()
+    ids = tokenizer(TEXT)["input_ids"]
+    for stop in ["capital of", "東京", "🚀", "fox.", None]:
+        stops = ["zzz", stop] if stop else ["zzz"]
+        for seed in range(10):
+            stream, emitted = TextStream(tokenizer, stops), 0
+            for block in chunks(ids, random.Random(seed)):
+                stream.push(block)
+                assert stream.emitted_tokens >= emitted
+                emitted = stream.emitted_tokens
+                assert stream.text.startswith(tokenizer.decode(ids[:emitted]))
+                assert emitted == len(stream.token_ids) or not stream.text.startswith(
+                    tokenizer.decode(ids[:emitted + 1]))
+            stream.finish()
+            got = stream.completion_ids
+            if stop is None:
+                assert got == ids and stream.emitted_tokens == len(ids)
+            else:
+                assert stop in tokenizer.decode(got) and stop not in tokenizer.decode(got[:-1]), (stop, seed)
+                assert got == ids[: len(got)] and stream.emitted_tokens < len(got)

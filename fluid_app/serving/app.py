@@ -3,7 +3,8 @@
 Handlers run on the event loop. Each checks its request (:mod:`.openai_api`), hands the
 decoder to the :class:`~.engine.Engine` with a sink that puts events into an asyncio queue,
 and turns committed tokens into text through :class:`~fluid_app.text_stream.TextStream`
-(whole characters, stop strings held back). A stop string, a closed connection or a
+(whole characters, stop strings held back), which also accounts the token ids of the
+text emitted so far. A stop string, a closed connection or a
 cancelled handler cancels the request in the engine, so its row leaves the batch at once.
 """
 
@@ -45,8 +46,8 @@ class Reply:
     def __init__(self, engine: Engine, job: Job, model: FluidModel):
         self.engine, self.job = engine, job
         self.text = TextStream(model.tokenizer, job.stop)
-        self.tokens = 0
         self.reason = ""
+        self.taken = 0  # completion ids already handed out by new_ids / rest_ids
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         try:
@@ -56,13 +57,29 @@ class Reply:
             raise ApiError(503, "the server is busy: every decode slot is taken and the waiting line is full; "
                                 "retry shortly", None, "server_busy") from None
 
+    @property
+    def token_ids(self) -> list[int]:
+        """The completion's token ids so far (after a stop string, through the token completing it)."""
+        return self.text.completion_ids
+
+    def new_ids(self) -> list[int]:
+        """Ids of the tokens whose text has been emitted since the last call."""
+        ids = self.token_ids[self.taken:self.text.emitted_tokens]
+        self.taken += len(ids)
+        return ids
+
+    def rest_ids(self) -> list[int]:
+        """Every completion id not handed out yet: for the final chunk."""
+        ids = self.token_ids[self.taken:]
+        self.taken += len(ids)
+        return ids
+
     async def pieces(self) -> AsyncIterator[str]:
         """Text as it becomes safe to show; :attr:`reason` is set when it ends."""
         try:
             while not self.reason:
                 kind, value = await self.queue.get()
                 if kind == "tokens":
-                    self.tokens += len(value)
                     piece = self.text.push(value)
                     if self.text.stopped:
                         self.reason = "stop"
@@ -130,21 +147,21 @@ def build_app(model: FluidModel, engine: Engine, model_id: str, api_key: str | N
             return JSONResponse(ApiError(500, f"the decode failed: {exc}").body(), status_code=500)
         finally:
             watcher.cancel()
-        return JSONResponse(response.whole(text, reply.reason, reply.tokens))
+        return JSONResponse(response.whole(text, reply.reason, reply.token_ids))
 
     async def stream(reply: Reply, response: Response) -> AsyncIterator[str]:
         first = True
         try:
             async for piece in reply.pieces():
-                yield _sse(response.chunk(piece, first=first))
+                yield _sse(response.chunk(piece, reply.new_ids(), first=first))
                 first = False
         except Exception as exc:
             log.exception("stream failed")
             yield _sse(ApiError(500, f"the decode failed: {exc}").body())
             return
-        yield _sse(response.chunk(None, reply.reason, first=first))
+        yield _sse(response.chunk(None, reply.rest_ids(), reply.reason, first=first))
         if reply.job.include_usage:
-            yield _sse(response.usage_chunk(reply.tokens))
+            yield _sse(response.usage_chunk(len(reply.token_ids)))
         yield "data: [DONE]\n\n"
 
     async def chat(request: Request):

@@ -7,6 +7,9 @@ reads fine but the library refuses a value (a negative ``max_tokens``, ``k_min``
 ``k_max``, a prompt longer than the model's context); the message is the library's own
 :class:`~fluid_app.errors.FluidError`, with ``param`` naming the request field. **401** wrong
 or missing API key, **404** unknown model or path, **503** the waiting line is full.
+
+``return_token_ids: true`` (vLLM's extra field) adds ``token_ids`` to each choice; see
+:class:`Response` for what a stream chunk carries.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ UNSUPPORTED = {"n": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "tools":
                "frequency_penalty": (0,), "response_format": ({"type": "text"},), "best_of": (1,), "echo": (False,),
                "suffix": ("",), "audio": (), "modalities": (["text"],), "prediction": ()}
 HARMLESS = {"model", "stream", "stream_options", "user", "metadata", "store", "parallel_tool_calls", "service_tier"}
-COMMON = HARMLESS | set(SETTINGS_FIELDS) | set(UNSUPPORTED) | {"stop"}
+# vLLM's extra field: each choice (or stream chunk's choice) also carries its completion token ids
+COMMON = HARMLESS | set(SETTINGS_FIELDS) | set(UNSUPPORTED) | {"stop", "return_token_ids"}
 FIELDS = {"chat": COMMON | {"messages"}, "completion": COMMON | {"prompt"}}
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -67,6 +71,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    return_token_ids: bool = False
 
     @property
     def prompt_tokens(self) -> int:
@@ -105,6 +110,11 @@ def parse(body: Any, kind: str, model: FluidModel, model_id: str) -> Job:
         raise ApiError(400, "'stream_options' must be an object with one field, include_usage: true or false",
                        "stream_options", "invalid_type")
     stop = _stop(body.get("stop"))
+    return_ids = body.get("return_token_ids")
+    if return_ids is None:
+        return_ids = False
+    elif not isinstance(return_ids, bool):
+        raise _bad("return_token_ids", "true or false", return_ids)
     overrides: dict[str, Any] = {}
     for name, option in SETTINGS_FIELDS.items():
         value = body.get(name)
@@ -129,7 +139,7 @@ def parse(body: Any, kind: str, model: FluidModel, model_id: str) -> Job:
     except FluidError as exc:
         param = next((names.get(p, p) for p in exc.params), None)
         raise ApiError(422, exc.message, param, "invalid_value") from None
-    return Job(kind, decoder, stop, stream, bool(stream and (options or {}).get("include_usage")))
+    return Job(kind, decoder, stop, stream, bool(stream and (options or {}).get("include_usage")), return_ids)
 
 
 def _stop(value: Any) -> list[str]:
@@ -203,7 +213,15 @@ def usage(job: Job, completion_tokens: int) -> dict[str, Any]:
 
 
 class Response:
-    """The ids and JSON objects of one reply, whole or as stream chunks."""
+    """The ids and JSON objects of one reply, whole or as stream chunks.
+
+    With ``return_token_ids``, a whole reply's choice carries ``token_ids``: the completion's
+    token ids (see :attr:`~fluid_app.text_stream.TextStream.completion_ids`). A stream chunk's
+    choice carries the ids of the tokens whose text has been emitted since the previous chunk
+    (a token whose text is partly held back, for a half character or a possible stop string,
+    waits for the chunk that shows the rest of it); the final chunk, the one with
+    ``finish_reason``, carries the remaining ids, so the chunks' ids add up to the whole reply's.
+    """
 
     def __init__(self, job: Job, model_id: str):
         self.job, self.model_id = job, model_id
@@ -214,24 +232,31 @@ class Response:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id,
                 "choices": choices}
 
-    def whole(self, text: str, reason: str, completion_tokens: int) -> dict[str, Any]:
+    def _ids(self, choice: dict[str, Any], token_ids: list[int]) -> dict[str, Any]:
+        if self.job.return_token_ids:
+            choice["token_ids"] = list(token_ids)
+        return choice
+
+    def whole(self, text: str, reason: str, token_ids: list[int]) -> dict[str, Any]:
         if self.job.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-            body = self._object("chat.completion", [choice])
+            body = self._object("chat.completion", [self._ids(choice, token_ids)])
         else:
-            body = self._object("text_completion", [{"index": 0, "text": text, "logprobs": None,
-                                                     "finish_reason": reason}])
-        body["usage"] = usage(self.job, completion_tokens)
+            body = self._object("text_completion", [self._ids({"index": 0, "text": text, "logprobs": None,
+                                                               "finish_reason": reason}, token_ids)])
+        body["usage"] = usage(self.job, len(token_ids))
         return body
 
-    def chunk(self, text: str | None, reason: str | None = None, first: bool = False) -> dict[str, Any]:
+    def chunk(self, text: str | None, token_ids: list[int], reason: str | None = None,
+              first: bool = False) -> dict[str, Any]:
         if self.job.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            return self._object("chat.completion.chunk", [{"index": 0, "delta": delta, "finish_reason": reason}])
-        return self._object("text_completion", [{"index": 0, "text": text or "", "logprobs": None,
-                                                 "finish_reason": reason}])
+            return self._object("chat.completion.chunk",
+                                [self._ids({"index": 0, "delta": delta, "finish_reason": reason}, token_ids)])
+        return self._object("text_completion", [self._ids({"index": 0, "text": text or "", "logprobs": None,
+                                                           "finish_reason": reason}, token_ids)])
 
     def usage_chunk(self, completion_tokens: int) -> dict[str, Any]:
         body = self._object("chat.completion.chunk" if self.job.kind == "chat" else "text_completion", [])
