@@ -17,7 +17,7 @@ import numpy as np
 from .api import FluidModel, Generation
 from .data import check_text_file, text_lines
 from .errors import FluidError, first_line
-from .sampler import MODES
+from .sampler import MODES, DecodeSettings
 from .warping import SamplingSettings
 
 
@@ -100,7 +100,7 @@ def check_horizons(horizons: Sequence[str]) -> list[str]:
     return list(horizons)
 
 
-def bench_runs(model: FluidModel, modes: Sequence[str], horizons: Sequence[str],
+def bench_runs(settings: DecodeSettings, modes: Sequence[str], horizons: Sequence[str],
                options: dict[str, Any], compare_drafts: bool = False) -> dict[str, tuple[str, dict[str, Any]]]:
     """Name -> (mode, decode options) of every run of a bench.
 
@@ -110,7 +110,6 @@ def bench_runs(model: FluidModel, modes: Sequence[str], horizons: Sequence[str],
     whose mask drafts are their argmax (point masses) instead of draws from their distribution.
     """
     horizons = check_horizons(horizons or ("k-head",))
-    settings = model.settings(**{k: v for k, v in options.items() if k != "max_new_tokens"})
     runs: dict[str, tuple[str, dict[str, Any]]] = {}
     for mode in modes:
         if mode == "reference" and settings.sampling is not None:
@@ -138,8 +137,9 @@ def run_bench(model: FluidModel, prompts: Sequence[str], *, chat: bool = False,
     ``distribution_check`` compares what FLUID and AR sampled instead (see
     :func:`distribution_check`).
     """
-    runs = bench_runs(model, modes, horizons, options, compare_drafts)
-    sampling = model.settings(**{k: v for k, v in options.items() if k != "max_new_tokens"}).sampling
+    settings = model.settings(**{k: v for k, v in options.items() if k != "max_new_tokens"})
+    runs = bench_runs(settings, modes, horizons, options, compare_drafts)
+    sampling = settings.sampling
     for mode, run_options in runs.values():  # warm-up: first calls pay for allocation and kernel selection
         model.generate(prompts[0], chat=chat, mode=mode, **{**run_options, "max_new_tokens": 8})
     totals = {name: ModeTotals() for name in runs}

