@@ -9,10 +9,10 @@ can reach the port can then use the model.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 
 from ..errors import FluidError
+from ..exposure import is_loopback
 from . import add_model_options
 
 DEFAULT_PORT = 8080
@@ -34,15 +34,6 @@ def register(subparsers) -> None:
     parser.add_argument("--model-id", default=None,
                         help="the model name clients send and /v1/models lists (default: the --model reference)")
     parser.set_defaults(run=run)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check(args: argparse.Namespace) -> None:

@@ -18,10 +18,10 @@ Gradio's own login.
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 import sys
 import time
+from concurrent.futures import Future
 from typing import Any, Iterator, Sequence
 
 import gradio as gr
@@ -30,11 +30,12 @@ from backends import BACKENDS
 
 from ..api import check_prompt
 from ..errors import FluidError, phrase
+from ..exposure import check_exposure
 from ..fluid_config import FluidConfig
 from ..sampler import MODES, DecodeSettings
 from .chat import Conversation, Turn, messages, reply_stats, token_pieces, transcript_html, with_reply
 from .render import LiveView, legend_html, plot_data, race_summary, sampling_text, slots_html, stats_text
-from .runner import Activity, ModelCache, ModelChoices, Run, TokenText, race, verdict
+from .runner import Activity, ModelCache, ModelChoices, Run, TokenText, preload_model, race, verdict
 
 UPDATE_INTERVAL_S = 0.05  # at most ~20 page updates a second (more is invisible and costly)
 PLOT_INTERVAL_S = 0.5  # the plot redraws less often than the slots
@@ -522,70 +523,32 @@ def stopped_stats(stats: str) -> tuple[str, str]:
     return "stopped", ("stopped" + stats[len("running"):]) if (stats or "").startswith("running") else stats
 
 
-def warm_up(model: Any) -> None:
-    """One short FLUID decode at start-up: the first multi-token forward pays one-off setup
-    costs (seconds on a CPU) that would otherwise land on the first user and skew a race."""
-    try:
-        model.generate("Hello", mode="fluid", max_new_tokens=4)
-    except FluidError:
-        pass  # e.g. no MASK token: the page will say so when a user picks that mode
-
-
 def theme() -> gr.themes.Base:
     """System fonts only: the demo must render offline (no web-font downloads)."""
     return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                              font_mono=["ui-monospace", "monospace"])
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable from this machine only (names other than localhost are
-    not looked up: a name that resolves elsewhere would not be)."""
-    host = (host or "").strip().strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_exposure(host: str, share: bool, allow_any_model: bool) -> None:
-    """Refuse a free-text model choice on a page others can reach: it would let any visitor
-    load (and so probe) any path the server can read."""
-    if not allow_any_model:
-        return
-    why = ("a free-text model choice lets every visitor load any file this machine can read; serve it on "
-           "127.0.0.1 without a share link, or list the models to serve instead")
-    if share:
-        raise FluidError(why, "allow_any_model", "share")
-    if not is_loopback(host):
-        raise FluidError(why, "allow_any_model", "host")
-
-
 def launch(model: str = "default", backend: str = "auto", host: str = "127.0.0.1", port: int | None = None,
            share: bool = False, concurrency: int = 1, block: bool = True, preload: bool = True, *,
            allow_models: Sequence[str] = (), allow_any_model: bool = False,
-           auth: Sequence[tuple[str, str]] | None = None, max_models: int = 3):
+           auth: Sequence[tuple[str, str]] | None = None, max_models: int = 3,
+           cache: ModelCache | None = None, loading: Future | None = None):
     """Load ``model`` (so a bad ``--model`` fails before the server starts) and serve the page.
 
     Visitors may pick ``model`` and the ``allow_models`` (checked here, so a typo fails now),
     or with ``allow_any_model`` name any model (loopback only, see :func:`check_exposure`).
-    ``auth`` is a list of ``(user, password)`` for Gradio's login page.
+    ``auth`` is a list of ``(user, password)`` for Gradio's login page. ``cache`` and
+    ``loading``: a model cache and the :func:`~.runner.preload_model` already filling it (the
+    CLI starts it before importing Gradio, so that the two overlap).
     Returns ``(blocks, url)``; with ``block=False`` the server runs in a background thread.
     """
-    import sys
-
-    from backends import pick_backend
-
     check_exposure(host, share, allow_any_model)
     models = ModelChoices([model, *allow_models], allow_any=allow_any_model)
-    cache = ModelCache(max_models=max_models)
+    cache = cache or ModelCache(max_models=max_models)
     defaults: dict[str, Any] = {}
-    if preload:
-        chosen, reason = pick_backend(backend)
-        print(f"backend: {chosen} ({reason}); loading {model!r}…", file=sys.stderr)
-        loaded, _ = cache.get(model, backend)
-        warm_up(loaded)
+    if preload or loading is not None:
+        loaded = (loading or preload_model(cache, model, backend)).result()
         c = loaded.config
         defaults = {"threshold": c.threshold, "k_min": c.k_min, "k_max": c.k_max}
     demo = DemoApp(cache, model, backend, defaults, concurrency, models=models).build()
