@@ -109,6 +109,7 @@ class Engine:
                     "max_batch": self.max_batch, "max_queue": self.max_queue,
                     "forwards": self.batch.forwards, "rows_per_forward": round(self.batch.rows_per_forward, 4),
                     "max_rows_per_forward": self.stats.max_rows, "forward_token_budget": self.token_budget,
+                    "tokens_fed": self.batch.tokens_fed,
                     "tokens_per_forward_fed": round(self.batch.tokens_per_forward, 4),
                     "max_tokens_per_forward_fed": self.batch.max_tokens_fed, "windows_trimmed": self.batch.trimmed,
                     "requests": self.stats.requests,
