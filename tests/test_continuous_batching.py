@@ -28,8 +28,8 @@ JOIN_AT = [0, 0, 1, 3, 3, 6]  # the batch forward before which each request join
 CANCEL = {1: 5}  # request 1 leaves after 5 forwards of the batch (a client gone)
 
 
-def staggered(model: fluid_app.FluidModel, check_cache=None,
-              token_budget: int | None = None) -> tuple[list[list[int]], FusedBatch]:
+def staggered(model: fluid_app.FluidModel, check_cache=None, token_budget: int | None = None,
+              join_at: list[int] = JOIN_AT) -> tuple[list[list[int]], FusedBatch]:
     """Run REQUESTS through one batch, joining and cancelling as scheduled; tokens per request."""
     decoders = [Decoder(model.backend, [model.encode(p)], model.settings(**r)) for p, r in zip(PROMPTS, REQUESTS)]
     tokens: dict[int, list[int]] = {id(d): [] for d in decoders}
@@ -41,9 +41,9 @@ def staggered(model: fluid_app.FluidModel, check_cache=None,
             if isinstance(event, Commit):
                 tokens[id(decoder)].extend(event.tokens)
 
-    while forward <= max(JOIN_AT) or len(batch):
+    while forward <= max(join_at) or len(batch):
         for i, decoder in enumerate(decoders):
-            if JOIN_AT[i] == forward:
+            if join_at[i] == forward:
                 collect(batch.join(decoder))
             if CANCEL.get(i) == forward:
                 batch.leave(decoder)
@@ -101,7 +101,8 @@ def test_a_token_budget_cuts_drafts_and_keeps_greedy_rows_exact(tiny_model_dir, 
     tests/test_sampling.py)."""
     model = fluid_app.load(str(tiny_model_dir("llama")), backend="torch", device="cpu")
     alone = [model.generate(model.encode(p), **r).token_ids for p, r in zip(PROMPTS, REQUESTS)]
-    together, batch = staggered(model, torch_cache_fits, token_budget=budget)
+    # the sampled rows start first, with room for long windows, and are cut as the others join
+    together, batch = staggered(model, torch_cache_fits, token_budget=budget, join_at=[1, 2, 3, 0, 3, 0])
     for i, (got, want, request) in enumerate(zip(together, alone, REQUESTS)):
         if "temperature" in request:
             assert len(got) == request["max_new_tokens"] or got[-1] in model.backend.eos_token_ids, i
