@@ -65,7 +65,8 @@ def level(server: Server, model_id: str, prompts: list[str], clients: int, mode:
     batch_forwards = after["forwards"] - before["forwards"]
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "tpf": tokens / forwards if forwards else 0.0,
-            "rows_per_forward": forwards / batch_forwards if batch_forwards else 0.0}
+            "rows_per_forward": forwards / batch_forwards if batch_forwards else 0.0,
+            "fed_per_forward": (after["tokens_fed"] - before["tokens_fed"]) / batch_forwards if batch_forwards else 0.0}
 
 
 def main() -> int:
@@ -81,6 +82,8 @@ def main() -> int:
                         help="comma-separated levels of concurrency; the server gets as many rows as the "
                              "largest (default: 1,4,8)")
     parser.add_argument("--modes", default="fluid,ar", help="comma-separated decode modes (default: fluid,ar)")
+    parser.add_argument("--forward-token-budget", type=int, default=None, metavar="N",
+                        help="the server's --forward-token-budget (default: the server's own)")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     parser.add_argument("--log", default=str(ROOT / "runs" / "serve_load.log"),
                         help="the server's log (default: runs/serve_load.log in the repository)")
@@ -95,7 +98,9 @@ def main() -> int:
     model_ref = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     model_id = args.model
     server = Server("--model", model_ref, "--model-id", model_id, "--backend", args.backend,
-                    "--max-batch", str(max(levels)), "--max-queue", str(max(levels)), log=log)
+                    "--max-batch", str(max(levels)), "--max-queue", str(max(levels)),
+                    *(["--forward-token-budget", str(args.forward_token_budget)]
+                      if args.forward_token_budget is not None else []), log=log)
     rows: dict[tuple[str, int], dict[str, float]] = {}
     try:
         level(server, model_id, prompts[:1], 1, modes[0], 8)  # warm-up
@@ -105,10 +110,11 @@ def main() -> int:
                 print(f"  {mode} x{clients}: {rows[mode, clients]['tokens_per_s']:.2f} tok/s", file=sys.stderr)
     finally:
         server.stop()
-    print(f"{'mode':<6} {'clients':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'TPF':>6} {'rows/fwd':>8}")
+    print(f"{'mode':<6} {'clients':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'TPF':>6} {'rows/fwd':>8} "
+          f"{'fed/fwd':>7}")
     for (mode, clients), r in rows.items():
         print(f"{mode:<6} {clients:>7} {r['tokens']:>7.0f} {r['seconds']:>8.2f} {r['tokens_per_s']:>8.2f} "
-              f"{r['tpf']:>6.2f} {r['rows_per_forward']:>8.2f}")
+              f"{r['tpf']:>6.2f} {r['rows_per_forward']:>8.2f} {r['fed_per_forward']:>7.2f}")
     ratios = []
     for mode in modes:
         if (mode, levels[0]) in rows and (mode, levels[-1]) in rows:

@@ -12,6 +12,14 @@ Rows join between forwards (:meth:`join`: prefilled on their own, then appended 
 session) and leave as soon as they finish or are cancelled (:meth:`leave`), freeing their
 cache before the next forward instead of riding along until the whole batch ends.
 
+A batch may have a *token budget*: how many token positions one forward may compute. The
+backends pad every row to the widest window, so a forward computes ``rows x widest`` positions,
+and on a CPU its cost grows with them. When that exceeds the budget (and more than one row
+decodes), :func:`allocate` cuts the windows: each row keeps its exact token and then, round
+by round, one more slot of its window (every row's 1st slot, then every row's 2nd, ...) while
+a whole round still fits; a row keeps a prefix of its window, trimmed by its own decoder
+(``window.trim``), so what it commits is still exactly what it would decode alone.
+
 Each decoder's :attr:`~fluid_app.sampler.Decoder.kv_tokens` follows exactly what its rows'
 KV cache holds (the prompt, then every forward's kept tokens). A decoder with a prompt cache
 runs a batch of its own, started on the cached session (``join(..., started=...)``), and
@@ -56,15 +64,39 @@ def _tagged(decoder: Decoder, events: Generator[Event, None, Any]) -> Generator[
         yield decoder, event
 
 
-class FusedBatch:
-    """A running batch of lanes on one backend; see the module docstring."""
+def allocate(widths: Sequence[int], budget: int | None) -> list[int]:
+    """How many tokens of each row's window (``widths``: its exact token plus its slots) one
+    forward feeds, so that ``rows x widest`` stays within ``budget`` where it can.
 
-    def __init__(self, backend: Backend):
+    Every row keeps at least its exact token. Slots are handed out round-robin by position
+    (every row's 1st slot, then every row's 2nd, ...) in whole rounds only: the backends pad
+    each row to the widest, so a round that only some rows fill costs as much as a full one.
+    A lone row, or ``budget`` None, keeps everything."""
+    widths = [int(w) for w in widths]
+    if budget is None or len(widths) <= 1:
+        return widths
+    cap = max(1, budget // len(widths))
+    return [min(w, cap) for w in widths]
+
+
+class FusedBatch:
+    """A running batch of lanes on one backend; see the module docstring.
+
+    ``token_budget``: the most token positions (rows x widest window) one forward computes
+    when several rows decode (:func:`allocate`); None: no limit."""
+
+    def __init__(self, backend: Backend, token_budget: int | None = None):
+        if token_budget is not None and token_budget < 1:
+            raise ValueError(f"the token budget must be at least 1 (got {token_budget})")
         self.backend = backend
+        self.token_budget = token_budget
         self.session: DecodeSession | None = None
         self.lanes: list[Lane] = []
         self.forwards = 0  # batch forwards run (prefills not counted)
         self.rows_fed = 0  # rows summed over those forwards: rows_fed / forwards is rows per forward
+        self.tokens_fed = 0  # token positions those forwards computed (rows x widest, padding included)
+        self.max_tokens_fed = 0  # the most one forward computed
+        self.trimmed = 0  # windows cut to the budget
 
     def __len__(self) -> int:
         return len(self.lanes)
@@ -72,6 +104,11 @@ class FusedBatch:
     @property
     def rows_per_forward(self) -> float:
         return self.rows_fed / self.forwards if self.forwards else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Token positions computed per forward (padding included), what a forward costs."""
+        return self.tokens_fed / self.forwards if self.forwards else 0.0
 
     def join(self, decoder: Decoder, rows: Sequence[int] | None = None,
              started: tuple[DecodeSession, StepOutput] | None = None) -> Iterator[Tagged]:
@@ -107,13 +144,20 @@ class FusedBatch:
         if not self.lanes:
             return
         mask = self.backend.mask_token_id if self.backend.mask_token_id is not None else 0
-        widths = [1 + len(lane.window.slots) for lane in self.lanes]
+        wanted = [1 + len(lane.window.slots) for lane in self.lanes]
+        widths = allocate(wanted, self.token_budget)
+        for lane, want, width in zip(self.lanes, wanted, widths):
+            if width < want:
+                lane.window.trim(width)  # the lane's own decoder keeps its window consistent
+                self.trimmed += 1
         feed = np.full((len(self.lanes), max(widths)), mask, dtype=np.int64)
         for i, (lane, width) in enumerate(zip(self.lanes, widths)):
             feed[i, :width] = [lane.window.pending] + [mask if t is None else t for t in lane.window.slots]
         out = self.session.forward(feed)
         self.forwards += 1
         self.rows_fed += len(self.lanes)
+        self.tokens_fed += feed.size
+        self.max_tokens_fed = max(self.max_tokens_fed, feed.size)
         keep = []
         for i, (lane, width) in enumerate(zip(self.lanes, widths)):
             kept = yield from _tagged(lane.decoder, lane.decoder._verify(lane.row, lane.window, feed[i, :width],

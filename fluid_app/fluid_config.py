@@ -24,6 +24,12 @@ CONFIG_FILENAME = "fluid_config.json"
 # a few, so a handful of chats stay warm while memory stays bounded (~46 KB per token each
 # for SmolLM2-135M in float32).
 PROMPT_CACHE_SLOTS = 4
+# Token positions one batched forward of ``fluid serve`` may compute (fluid_app/batching.py):
+# rows x the widest window, since the backends pad every row to the widest. On a 2-core CPU a
+# 16-token forward costs about 1.4x a 1-token one and wider ones grow about linearly, so past
+# this, speculation costs more than it saves: with many rows decoding, drafts are cut (each
+# row still feeds its exact token). A lone row always keeps its whole window.
+FORWARD_TOKEN_BUDGET = 16
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,15 @@ class _Window:
     proposals: list[np.ndarray | None] = field(default_factory=list)  # per drafted slot, when sampling
     active: bool = True
 
+    def trim(self, width: int) -> None:
+        """Feed only the first ``width`` tokens (the exact token, then a prefix of the slots): a
+        forward's token budget (:func:`~fluid_app.batching.allocate`). The drafts still fed
+        are the leading run cut to that prefix, so ``sources`` and ``proposals`` are cut with
+        the slots; verification then sees exactly the window that was fed."""
+        kept = max(0, int(width) - 1)
+        self.slots, self.confidences = self.slots[:kept], self.confidences[:kept]
+        self.sources, self.proposals = self.sources[:kept], self.proposals[:kept]
+
 
 class Decoder:
     """Decode a batch of tokenised prompts; iterate :meth:`events` to run it.

@@ -5,11 +5,13 @@ tiny real models through torch and MLX. A finished or cancelled row's cache goes
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import random
 
 import pytest
 
 import fluid_app
-from fluid_app.batching import FusedBatch
+from fluid_app.batching import FusedBatch, allocate
 from fluid_app.events import Commit
 from fluid_app.sampler import Decoder
 
@@ -26,11 +28,12 @@ JOIN_AT = [0, 0, 1, 3, 3, 6]  # the batch forward before which each request join
 CANCEL = {1: 5}  # request 1 leaves after 5 forwards of the batch (a client gone)
 
 
-def staggered(model: fluid_app.FluidModel, check_cache=None) -> tuple[list[list[int]], FusedBatch]:
+def staggered(model: fluid_app.FluidModel, check_cache=None, token_budget: int | None = None,
+              join_at: list[int] = JOIN_AT) -> tuple[list[list[int]], FusedBatch]:
     """Run REQUESTS through one batch, joining and cancelling as scheduled; tokens per request."""
     decoders = [Decoder(model.backend, [model.encode(p)], model.settings(**r)) for p, r in zip(PROMPTS, REQUESTS)]
     tokens: dict[int, list[int]] = {id(d): [] for d in decoders}
-    batch = FusedBatch(model.backend)
+    batch = FusedBatch(model.backend, token_budget)
     forward = 0
 
     def collect(events):
@@ -38,13 +41,16 @@ def staggered(model: fluid_app.FluidModel, check_cache=None) -> tuple[list[list[
             if isinstance(event, Commit):
                 tokens[id(decoder)].extend(event.tokens)
 
-    while forward <= max(JOIN_AT) or len(batch):
+    while forward <= max(join_at) or len(batch):
         for i, decoder in enumerate(decoders):
-            if JOIN_AT[i] == forward:
+            if join_at[i] == forward:
                 collect(batch.join(decoder))
             if CANCEL.get(i) == forward:
                 batch.leave(decoder)
+        rows, fed = len(batch), batch.tokens_fed
         collect(batch.step())
+        if token_budget is not None and rows:  # the forward computed at most the budget (or one token a row)
+            assert batch.tokens_fed - fed <= max(token_budget, rows), (forward, rows, batch.tokens_fed - fed)
         forward += 1
         if check_cache:
             check_cache(batch)
@@ -84,3 +90,58 @@ def test_rows_join_and_leave_exactly_torch(tiny_model_dir, arch):
 def test_rows_join_and_leave_exactly_mlx(tiny_model_dir):
     model = fluid_app.load(str(tiny_model_dir("llama")), backend="mlx")
     check(model, lambda batch: batch.session is None or len(batch.session.caches) == len(batch.lanes))
+
+
+@pytest.mark.parametrize("budget", [4, 12])
+def test_a_token_budget_cuts_drafts_and_keeps_greedy_rows_exact(tiny_model_dir, budget):
+    """Six rows under a small per-forward budget: drafts are cut (every row still feeds its
+    exact token), no forward computes more than max(budget, rows) positions, and every greedy
+    row decodes exactly what it decodes alone. Sampled rows run through the same trimmed
+    windows (their draws differ from alone once trimmed, their distribution does not:
+    tests/test_sampling.py)."""
+    model = fluid_app.load(str(tiny_model_dir("llama")), backend="torch", device="cpu")
+    alone = [model.generate(model.encode(p), **r).token_ids for p, r in zip(PROMPTS, REQUESTS)]
+    # the sampled rows start first, with room for long windows, and are cut as the others join
+    together, batch = staggered(model, torch_cache_fits, token_budget=budget, join_at=[1, 2, 3, 0, 3, 0])
+    for i, (got, want, request) in enumerate(zip(together, alone, REQUESTS)):
+        if "temperature" in request:
+            assert len(got) == request["max_new_tokens"] or got[-1] in model.backend.eos_token_ids, i
+        elif i in CANCEL:
+            assert 0 < len(got) < len(want) and got == want[: len(got)], i
+        else:
+            assert got == want, (i, request)
+    assert batch.trimmed > 0 and batch.max_tokens_fed <= max(budget, len(PROMPTS)) and batch.session is None
+
+
+def test_a_lone_row_keeps_its_whole_window(tiny_model_dir):
+    model = fluid_app.load(str(tiny_model_dir("llama")), backend="torch", device="cpu")
+    decoder = Decoder(model.backend, [model.encode(PROMPTS[0])], model.settings(**REQUESTS[0]))
+    batch = FusedBatch(model.backend, token_budget=1)
+    for _ in Decoder._drain(batch, batch.join(decoder)):
+        pass
+    assert batch.trimmed == 0 and batch.max_tokens_fed > 1
+    assert decoder.results[0].token_ids == model.generate(model.encode(PROMPTS[0]), **REQUESTS[0]).token_ids
+
+
+def test_allocate_against_brute_force():
+    """The allocation is the round-robin prefix in whole rounds, and of every allocation that
+    keeps each row's exact token and a prefix of its window with rows x widest within the
+    budget (or one token a row when the budget is below the rows), the one feeding the most."""
+    rng = random.Random(0)
+    for _ in range(400):
+        rows = rng.randint(1, 4)
+        widths = [rng.randint(1, 6) for _ in range(rows)]
+        budget = rng.choice([None, rng.randint(1, 30)])
+        kept = allocate(widths, budget)
+        assert len(kept) == rows and all(1 <= k <= w for k, w in zip(kept, widths)), (widths, budget, kept)
+        if budget is None or rows == 1 or rows * max(widths) <= budget:
+            assert kept == widths, (widths, budget, kept)  # nothing cut when it fits
+            continue
+        limit = max(budget, rows)
+        assert rows * max(kept) <= limit and sum(kept) <= limit, (widths, budget, kept)
+        # round-robin by slot position, whole rounds: a row cut short keeps as much as any other
+        assert all(k == w or k >= max(kept) for k, w in zip(kept, widths)), (widths, budget, kept)
+        feasible = [c for c in itertools.product(*(range(1, w + 1) for w in widths)) if rows * max(c) <= limit]
+        best = max(sum(c) for c in feasible)
+        assert sum(kept) == best and [c for c in feasible if sum(c) == best] == [tuple(kept)], (widths, budget)
+    assert allocate([5, 5, 5], 9) == [3, 3, 3] and allocate([1, 9], 8) == [1, 4] and allocate([3, 7], 1) == [1, 1]

@@ -15,6 +15,7 @@ import pytest
 from distribution_checks import assert_matches, assert_rejected
 from toy_backend import SamplingToyLM, ToyLM
 
+from fluid_app.batching import FusedBatch
 from fluid_app.errors import FluidError
 from fluid_app.sampler import Decoder, DecodeSettings
 from fluid_app.warping import warp
@@ -79,6 +80,28 @@ def test_ar_sampling_emits_the_exact_ar_distribution():
     cells, probs = joint(lm, **SAMPLING)
     counts, _ = decode_counts(lm, cells, mode="ar")
     assert_matches("ar", counts, probs)
+
+
+def test_fluid_sampling_under_a_forward_token_budget_stays_exact():
+    """Rows sharing a forward with a token budget (fluid_app/batching.py) feed windows cut to
+    a prefix of their slots; the sampled tokens keep the exact AR distribution."""
+    lm = SamplingToyLM()
+    cells, probs = joint(lm, **SAMPLING)
+    index = {c: i for i, c in enumerate(cells)}
+    counts = np.zeros(len(cells), dtype=np.int64)
+    trimmed = 0
+    for first in range(0, TRIALS, 2000):
+        seeds = tuple(range(first, first + 2000))
+        decoder = Decoder(lm, [PROMPT] * 2000, DecodeSettings(max_new_tokens=DECODED, seed=seeds, **SAMPLING,
+                                                             **CASES["mask and lookup drafts"]))
+        batch = FusedBatch(lm, token_budget=2 * 2000)  # the exact token and one slot a row: lookup runs are cut
+        for _ in Decoder._drain(batch, batch.join(decoder)):
+            pass
+        trimmed += batch.trimmed
+        for result in decoder.results:
+            counts[index[tuple(result.token_ids[CHECKED])]] += 1
+    assert trimmed > TRIALS  # most rows were cut more than once
+    assert_matches("mask and lookup drafts, trimmed", counts, probs)
 
 
 class WrongProposalDecoder(Decoder):

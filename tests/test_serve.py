@@ -17,6 +17,7 @@ from conftest import HAS_SMOLLM2, run_cli
 from serve_helpers import Server
 
 import fluid_app
+from fluid_app.fluid_config import FORWARD_TOKEN_BUDGET
 
 pytest.importorskip("openai")
 import openai  # noqa: E402
@@ -222,6 +223,9 @@ def test_concurrent_requests_share_forwards_and_a_full_queue_is_503(server, solo
     after = server.health()
     rows = after["forwards"] - before["forwards"]
     assert rows and after["max_rows_per_forward"] > 1
+    # six rows overran the default per-forward token budget: drafts were cut, replies stayed exact
+    assert after["forward_token_budget"] == FORWARD_TOKEN_BUDGET and after["windows_trimmed"] > before["windows_trimmed"]
+    assert after["tokens_per_forward_fed"] > 0
 
     # 8 decode rows and 4 waiting places: of 20 long requests sent at once, some are told to retry
     body = {"model": tiny, "prompt": PROMPT, "max_tokens": 200, "mode": "ar"}
@@ -235,6 +239,7 @@ def test_concurrent_requests_share_forwards_and_a_full_queue_is_503(server, solo
 
 def test_bad_flags_fail_before_loading():
     for args, flag in [(["--port", "0"], "--port"), (["--max-batch", "0"], "--max-batch"),
+                       (["--forward-token-budget", "0"], "--forward-token-budget"),
                        (["--max-queue", "-1"], "--max-queue"), (["--api-key", " "], "--api-key")]:
         done = run_cli("serve", "--model", "/nonexistent/model", *args, timeout=120)
         assert done.returncode == 2 and done.stderr.count("error:") == 1 and flag in done.stderr, done.stderr

@@ -13,6 +13,7 @@ import sys
 
 from ..errors import FluidError
 from ..exposure import is_loopback
+from ..fluid_config import FORWARD_TOKEN_BUDGET
 from . import add_model_options
 
 DEFAULT_PORT = 8080
@@ -31,6 +32,9 @@ def register(subparsers) -> None:
                         help=f"requests decoded together in one batch (default {DEFAULT_MAX_BATCH})")
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                         help=f"requests waiting for a batch row before new ones get 503 (default {DEFAULT_MAX_QUEUE})")
+    parser.add_argument("--forward-token-budget", type=int, default=None, metavar="N",
+                        help="token positions one shared forward may compute (rows x widest window); past it, "
+                             f"drafts are cut, never a row's exact token (default {FORWARD_TOKEN_BUDGET})")
     parser.add_argument("--model-id", default=None,
                         help="the model name clients send and /v1/models lists (default: the --model reference)")
     parser.set_defaults(run=run)
@@ -42,6 +46,9 @@ def check(args: argparse.Namespace) -> None:
         raise FluidError(f"port must be between 1 and 65535 (got {args.port})", "port")
     if args.max_batch < 1:
         raise FluidError(f"max_batch must be at least 1 (got {args.max_batch})", "max_batch")
+    if args.forward_token_budget is not None and args.forward_token_budget < 1:
+        raise FluidError(f"forward_token_budget must be at least 1 (got {args.forward_token_budget})",
+                         "forward_token_budget")
     if args.max_queue < 0:
         raise FluidError(f"max_queue must be 0 or more (got {args.max_queue})", "max_queue")
     if args.api_key is not None and not args.api_key.strip():
@@ -67,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
               "model", file=sys.stderr)
     model = load_model(args)
     model_id = args.model_id or args.model
-    engine = Engine(model.backend, args.max_batch, args.max_queue).start()
+    budget = FORWARD_TOKEN_BUDGET if args.forward_token_budget is None else args.forward_token_budget
+    engine = Engine(model.backend, args.max_batch, args.max_queue, budget).start()
     app = build_app(model, engine, model_id, args.api_key)
     print(f"serving {model_id} ({model.backend.name}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

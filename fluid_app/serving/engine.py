@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from ..batching import FusedBatch
 from ..events import Commit, Finished
+from ..fluid_config import FORWARD_TOKEN_BUDGET
 from ..protocol import Backend
 from ..sampler import Decoder
 
@@ -55,11 +56,13 @@ class Stats:
 
 
 class Engine:
-    def __init__(self, backend: Backend, max_batch: int, max_queue: int):
+    def __init__(self, backend: Backend, max_batch: int, max_queue: int,
+                 token_budget: int | None = FORWARD_TOKEN_BUDGET):
         self.backend = backend
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.batch = FusedBatch(backend)
+        self.token_budget = token_budget  # token positions one shared forward may compute
+        self.batch = FusedBatch(backend, token_budget)
         self.stats = Stats()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._tickets: dict[int, Ticket] = {}  # id(decoder) -> ticket, for admitted requests
@@ -105,7 +108,11 @@ class Engine:
             return {"active_rows": len(self.batch), "queued": len(self._waiting),
                     "max_batch": self.max_batch, "max_queue": self.max_queue,
                     "forwards": self.batch.forwards, "rows_per_forward": round(self.batch.rows_per_forward, 4),
-                    "max_rows_per_forward": self.stats.max_rows, "requests": self.stats.requests,
+                    "max_rows_per_forward": self.stats.max_rows, "forward_token_budget": self.token_budget,
+                    "tokens_fed": self.batch.tokens_fed,
+                    "tokens_per_forward_fed": round(self.batch.tokens_per_forward, 4),
+                    "max_tokens_per_forward_fed": self.batch.max_tokens_fed, "windows_trimmed": self.batch.trimmed,
+                    "requests": self.stats.requests,
                     "finished": self.stats.finished, "cancelled": self.stats.cancelled, "failed": self.stats.failed}
 
     # -- the decode thread -------------------------------------------------------------------
@@ -146,7 +153,7 @@ class Engine:
             log.exception("forward failed")
             for ticket in list(self._tickets.values()):
                 self._fail(ticket, exc)
-            self.batch = FusedBatch(self.backend)
+            self.batch = FusedBatch(self.backend, self.token_budget)
             return
         with self._wake:
             self.stats.max_rows = max(self.stats.max_rows, rows)
