@@ -125,7 +125,9 @@ def main() -> int:
                    for c in levels]
     print(", ".join(ratios))
     if args.json:
-        Path(args.json).write_text(json.dumps({f"{m}x{c}": r for (m, c), r in rows.items()}, indent=1))
+        from fluid_app.files import write_json_atomic  # the package's one file writer
+
+        write_json_atomic(args.json, {f"{m}x{c}": r for (m, c), r in rows.items()})
     return 0
 
 

@@ -69,12 +69,10 @@ def _login(text: str, param: str, where: str = "a login") -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import importlib.util
     import os
 
     from ..errors import FluidError
     from ..exposure import check_exposure
-    from ..ui.runner import ModelCache, preload_model
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default
 
@@ -82,16 +80,10 @@ def run(args: argparse.Namespace) -> int:
         raise FluidError(f"concurrency must be at least 1 (got {args.concurrency})", "concurrency")
     auth = read_auth(args.auth, args.auth_file)
     check_exposure(args.host, args.share, args.allow_any_model)
-    if importlib.util.find_spec("gradio") is None:
-        raise FluidError("the demo needs Gradio (gradio is missing); pip install 'fluid-app[demo]'")
-    # The model loads on a thread while Gradio is imported below (see preload_model).
-    cache = ModelCache()
-    loading = preload_model(cache, args.model, args.backend)
     try:
         from ..ui.app import launch
     except ImportError as exc:
         raise FluidError(f"the demo needs Gradio ({exc.name} is missing); pip install 'fluid-app[demo]'") from None
     launch(args.model, args.backend, args.host, args.port, args.share, args.concurrency,
-           allow_models=args.allow_model, allow_any_model=args.allow_any_model, auth=auth,
-           cache=cache, loading=loading)
+           allow_models=args.allow_model, allow_any_model=args.allow_any_model, auth=auth)
     return 0

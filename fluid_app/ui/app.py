@@ -21,7 +21,6 @@ from __future__ import annotations
 import secrets
 import sys
 import time
-from concurrent.futures import Future
 from typing import Any, Iterator, Sequence
 
 import gradio as gr
@@ -35,7 +34,7 @@ from ..fluid_config import FluidConfig
 from ..sampler import MODES, DecodeSettings
 from .chat import Conversation, Turn, messages, reply_stats, token_pieces, transcript_html, with_reply
 from .render import LiveView, legend_html, plot_data, race_summary, sampling_text, slots_html, stats_text
-from .runner import Activity, ModelCache, ModelChoices, Run, TokenText, preload_model, race, verdict
+from .runner import Activity, ModelCache, ModelChoices, Run, TokenText, race, verdict, warm_up
 
 UPDATE_INTERVAL_S = 0.05  # at most ~20 page updates a second (more is invisible and costly)
 PLOT_INTERVAL_S = 0.5  # the plot redraws less often than the slots
@@ -532,23 +531,25 @@ def theme() -> gr.themes.Base:
 def launch(model: str = "default", backend: str = "auto", host: str = "127.0.0.1", port: int | None = None,
            share: bool = False, concurrency: int = 1, block: bool = True, preload: bool = True, *,
            allow_models: Sequence[str] = (), allow_any_model: bool = False,
-           auth: Sequence[tuple[str, str]] | None = None, max_models: int = 3,
-           cache: ModelCache | None = None, loading: Future | None = None):
+           auth: Sequence[tuple[str, str]] | None = None, max_models: int = 3):
     """Load ``model`` (so a bad ``--model`` fails before the server starts) and serve the page.
 
     Visitors may pick ``model`` and the ``allow_models`` (checked here, so a typo fails now),
     or with ``allow_any_model`` name any model (loopback only, see :func:`check_exposure`).
-    ``auth`` is a list of ``(user, password)`` for Gradio's login page. ``cache`` and
-    ``loading``: a model cache and the :func:`~.runner.preload_model` already filling it (the
-    CLI starts it before importing Gradio, so that the two overlap).
+    ``auth`` is a list of ``(user, password)`` for Gradio's login page.
     Returns ``(blocks, url)``; with ``block=False`` the server runs in a background thread.
     """
     check_exposure(host, share, allow_any_model)
     models = ModelChoices([model, *allow_models], allow_any=allow_any_model)
-    cache = cache or ModelCache(max_models=max_models)
+    cache = ModelCache(max_models=max_models)
     defaults: dict[str, Any] = {}
-    if preload or loading is not None:
-        loaded = (loading or preload_model(cache, model, backend)).result()
+    if preload:
+        from backends import pick_backend
+
+        chosen, reason = pick_backend(backend)
+        print(f"backend: {chosen} ({reason}); loading {model!r}…", file=sys.stderr)
+        loaded, _ = cache.get(model, backend)
+        warm_up(loaded)
         c = loaded.config
         defaults = {"threshold": c.threshold, "k_min": c.k_min, "k_max": c.k_max}
     demo = DemoApp(cache, model, backend, defaults, concurrency, models=models).build()

@@ -16,11 +16,9 @@ token, so :func:`verdict` reports the race as sampled instead of judging the tex
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -39,31 +37,6 @@ def warm_up(model: FluidModel) -> None:
         model.generate("Hello", mode="fluid", max_new_tokens=4)
     except FluidError:
         pass  # e.g. no MASK token: the page will say so when a user picks that mode
-
-
-def preload_model(cache: ModelCache, model: str, backend: str) -> Future:
-    """Load ``model`` into ``cache`` and warm it up on a daemon thread; the future holds the
-    loaded model (or the load's error).
-
-    Why a thread: the demo's start is Gradio's import (seconds of Python) plus the model's load,
-    much of which (reading and merging weights, packing them, the warm-up forwards) runs in
-    PyTorch with the GIL released. Started before Gradio is imported, the two overlap."""
-    from backends import pick_backend
-
-    chosen, reason = pick_backend(backend)
-    print(f"backend: {chosen} ({reason}); loading {model!r}…", file=sys.stderr, flush=True)
-    done: Future = Future()
-
-    def load() -> None:
-        try:
-            loaded, _ = cache.get(model, backend)
-            warm_up(loaded)
-            done.set_result(loaded)
-        except BaseException as exc:  # handed to the caller, who reports it
-            done.set_exception(exc)
-
-    threading.Thread(target=load, name="fluid-preload", daemon=True).start()
-    return done
 
 
 class ModelCache:
