@@ -6,6 +6,7 @@ never downloads a browser (no ``playwright install``) and skips cleanly without 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -77,27 +79,41 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
+def server(tiny_model_dir, tmp_path_factory):
     """``python app.py`` on a tiny Llama (and a tiny GPT-2 to pick), as a user starts it."""
+    log = tmp_path_factory.mktemp("demo-server") / "console.txt"
+    with app_server(["--model", str(tiny_model_dir("llama")), "--backend", "torch",
+                     "--allow-model", str(tiny_model_dir("gpt2"))], log) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def app_server(args: list[str], log: Path) -> Iterator[str]:
+    """``python app.py ARGS`` on a free port, its console in ``log``; yields the page's URL once
+    it answers, and stops the server after."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False")
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_model_dir("llama")), "--backend",
-                             "torch", "--port", str(port), "--allow-model", str(tiny_model_dir("gpt2"))],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py", *args, "--port", str(port)], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
-    while True:
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"app.py did not start:\n{log.read_text()}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
         try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"app.py did not start:\n{proc.stdout.read()}")
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +135,23 @@ def page(browser, server):
 
 
 def set_number(page, elem_id: str, value: float) -> None:
-    """Type into a Gradio slider's (or number field's) number box, as a user sets an exact value."""
+    """Type into a Gradio slider's (or number field's) number box, as a user sets an exact value.
+
+    A slider takes the typed value onto its range input a moment later, and a slider that is
+    still being drawn (an accordion just opened, a busy machine) can drop it: clicking on before
+    the range shows the value would send the old one. So type again until the range has it."""
     box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    # A slider takes the typed value on its range input a moment later; clicking on before that
-    # (easy on a busy machine) sends the old value.
-    page.wait_for_function("([id, v]) => { const r = document.querySelector(`#${id} input[type=range]`);"
-                           " return !r || Number(r.value) === v; }", arg=[elem_id, value], timeout=30_000)
+    taken = ("([id, v]) => { const r = document.querySelector(`#${id} input[type=range]`);"
+             " return !r || Math.abs(Number(r.value) - v) < 1e-6; }")
+    for _ in range(6):
+        box.fill(str(value))
+        box.press("Enter")
+        try:
+            page.wait_for_function(taken, arg=[elem_id, value], timeout=5_000)
+            return
+        except sync_api.TimeoutError:
+            page.wait_for_timeout(500)
+    raise AssertionError(f"#{elem_id} did not take the value {value}")
 
 
 def status(page) -> str:

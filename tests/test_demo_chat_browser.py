@@ -13,51 +13,25 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 from conftest import ROOT
-from test_demo_browser import ARGS, CHROMIUM, MIN_CONTRAST, free_port, set_number, sync_api
+from test_demo_browser import ARGS, CHROMIUM, MIN_CONTRAST, app_server, set_number, sync_api
+from test_demo_browser import OBSERVE as LIVE_OBSERVE
 
 MAX_NEW = 12
 
-# Every distinct state of the chat's block view, as the page changes.
-OBSERVE = """() => {
-  window.__live = [];
-  const live = document.querySelector('#fluid-chat-live');
-  const record = () => {
-    const view = live.querySelector('.fluid-live');
-    const html = view ? view.outerHTML : '';
-    if (window.__live[window.__live.length - 1] !== html) window.__live.push(html);
-  };
-  new MutationObserver(record).observe(live, {subtree: true, childList: true, characterData: true,
-                                               attributes: true});
-}"""
+# Every distinct state of the chat's block view, recorded as the Live tab's is.
+OBSERVE = LIVE_OBSERVE.replace("'#fluid-live'", "'#fluid-chat-live'")
+assert OBSERVE != LIVE_OBSERVE  # the chat's own block view is watched
+
 
 @pytest.fixture(scope="module")
 def chat_server(tiny_model_dir, tmp_path_factory):
     """``python app.py`` on a tiny Llama; its console goes to a file the tests read."""
-    port = free_port()
     log = tmp_path_factory.mktemp("chat-server") / "console.txt"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_model_dir("llama")), "--backend",
-                                 "torch", "--port", str(port)], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"app.py did not start:\n{log.read_text()}")
-            time.sleep(0.5)
-    yield url, log
-    proc.terminate()
-    proc.wait(timeout=30)
+    with app_server(["--model", str(tiny_model_dir("llama")), "--backend", "torch"], log) as url:
+        yield url, log
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +136,12 @@ def test_three_turns_with_a_stop_equal_the_cli_and_the_page_reads(chat_page, cha
     assert shown[2]["text"] == full[2]["text"]
 
     # Retry regenerates the last reply (greedy: the same text); Clear empties the chat
+    # (the status already reads "done" from turn 3: wait until the retried reply has been seen decoding)
+    page.evaluate("""() => { window.__retrying = false; const chat = document.querySelector('#fluid-chat');
+      new MutationObserver(() => { if (chat.querySelector('.fluid-reply[data-state=decoding]'))
+        window.__retrying = true; }).observe(chat, {subtree: true, childList: true, attributes: true}); }""")
     page.click("#fluid-chat-retry")
+    page.wait_for_function("() => window.__retrying", timeout=120_000)
     wait_done(page, 3)
     assert replies(page)[2]["text"] == full[2]["text"]
     page.click("#fluid-chat-clear")
