@@ -7,6 +7,7 @@ GGUF base is converted once through transformers' GGUF reader. One quiet loader 
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from contextlib import contextmanager
@@ -36,13 +37,37 @@ def quiet(progress: bool = False) -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
-def load_tokenizer(folder: Path, label: str = "", gguf_file: str | None = None) -> Any:
-    """The Hugging Face tokenizer of a model folder (or of a GGUF file in it)."""
-    from transformers import AutoTokenizer
+# tokenizer classes that are transformers' generic ``tokenizer.json`` reader itself
+GENERIC_TOKENIZERS = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
 
+
+def load_tokenizer(folder: Path, label: str = "", gguf_file: str | None = None) -> Any:
+    """The Hugging Face tokenizer of a model folder (or of a GGUF file in it).
+
+    A folder whose ``tokenizer_config.json`` names the generic ``tokenizer.json`` reader (what
+    the GGUF conversion writes) gets that class directly: the same object ``AutoTokenizer``
+    returns, without the seconds ``AutoTokenizer`` spends importing model registries.
+    """
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     with quiet():
         try:
+            if not gguf_file and _tokenizer_class(Path(folder)) in GENERIC_TOKENIZERS:
+                from transformers import PreTrainedTokenizerFast
+
+                return PreTrainedTokenizerFast.from_pretrained(str(folder))
+            from transformers import AutoTokenizer
+
             return AutoTokenizer.from_pretrained(str(folder), **kwargs)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FluidError(f"cannot load a tokenizer from {label or folder}: {first_line(exc)}", "model") from None
+
+
+def _tokenizer_class(folder: Path) -> str | None:
+    """The ``tokenizer_class`` named in ``folder/tokenizer_config.json``, when it has a ``tokenizer.json``."""
+    try:
+        if not (folder / "tokenizer.json").is_file():
+            return None
+        value = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from serve_helpers import App  # noqa: E402
+
 GENERATE = ["generate", "--model", "default", "--chat", "--prompt", "Hi", "--max-new-tokens", "4"]
 
 
@@ -46,41 +48,22 @@ def timed(args: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def app_times(env: dict[str, str]) -> tuple[float, float]:
     """Seconds from launching ``app.py`` to an HTTP answer, and to a decoded reply."""
     from gradio_client import Client
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
     started = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"app.py exited:\n{server.stderr.read()[-2000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as page:
-                    if page.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.1)
-        http = time.perf_counter() - started
-        client = Client(url, verbose=False)
+        app = App(env=env, timeout=900)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    with app:
+        client = Client(app.url, verbose=False)
         transcript = client.predict("Hi", "", "default", "auto", 4, 0.9, 5, 8, 0, api_name="/chat")[0]
         answered = time.perf_counter() - started
         if "Hi" not in transcript:
             raise SystemExit(f"the Chat tab did not answer: {transcript[:500]}")
-        return http, answered
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+        return app.ready_after, answered
 
 
 def summary(name: str, values: list[float]) -> dict:

@@ -12,21 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from serve_helpers import App  # noqa: E402
+
 CHROMIUM = os.environ.get("FLUID_CHROMIUM", "/usr/bin/chromium")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -36,20 +30,12 @@ def main() -> int:
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
-    port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    server = subprocess.Popen([sys.executable, "app.py", "--model", args.model, "--port", str(port)], cwd=ROOT,
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
     try:
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise SystemExit("error: app.py exited before serving its page") from None
-                time.sleep(0.5)
+        server = App("--model", args.model)
+    except RuntimeError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    url = server.url
+    try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                         args=["--no-sandbox", "--disable-gpu"])
@@ -79,8 +65,7 @@ def main() -> int:
             page.screenshot(path=str(args.out / "chat-reply-done.png"))
             browser.close()
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        server.stop()
     print(f"wrote {args.out / 'chat-mid-reply.png'} and {args.out / 'chat-reply-done.png'}")
     return 0
 

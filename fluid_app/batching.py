@@ -97,6 +97,7 @@ class FusedBatch:
         self.tokens_fed = 0  # token positions those forwards computed (rows x widest, padding included)
         self.max_tokens_fed = 0  # the most one forward computed
         self.trimmed = 0  # windows cut to the budget
+        self.fed: list[tuple[Decoder, int, int]] = []  # (decoder, row, tokens fed) of the last forward
 
     def __len__(self) -> int:
         return len(self.lanes)
@@ -150,6 +151,9 @@ class FusedBatch:
             if width < want:
                 lane.window.trim(width)  # the lane's own decoder keeps its window consistent
                 self.trimmed += 1
+                if lane.window.k > 1:  # the view shows what is fed, not the cut drafts
+                    yield lane.decoder, lane.window.as_draft(lane.row, lane.decoder.results[lane.row].forwards)
+        self.fed = [(lane.decoder, lane.row, width) for lane, width in zip(self.lanes, widths)]
         feed = np.full((len(self.lanes), max(widths)), mask, dtype=np.int64)
         for i, (lane, width) in enumerate(zip(self.lanes, widths)):
             feed[i, :width] = [lane.window.pending] + [mask if t is None else t for t in lane.window.slots]

@@ -141,6 +141,11 @@ class _Window:
         self.slots, self.confidences = self.slots[:kept], self.confidences[:kept]
         self.sources, self.proposals = self.sources[:kept], self.proposals[:kept]
 
+    def as_draft(self, row: int, forwards: int) -> Draft:
+        """The window as a :class:`Draft` event: what the next forward feeds."""
+        return Draft(row, 0, [self.pending] + self.slots, [1.0] + self.confidences,
+                     [True] + [t is not None for t in self.slots], forwards)
+
 
 class Decoder:
     """Decode a batch of tokenised prompts; iterate :meth:`events` to run it.
@@ -386,8 +391,7 @@ class Decoder:
         window.sources, window.proposals = sources, proposals
         if window.k > 1:
             yield BlockStart(b, window.k, len(result.token_ids), result.forwards)
-            yield Draft(b, 0, [window.pending] + slots, [1.0] + slot_conf, [True] + [t is not None for t in slots],
-                        result.forwards)
+            yield window.as_draft(b, result.forwards)
 
     def _mask_draft(self, b: int, logits: np.ndarray, argmax: int) -> tuple[int, np.ndarray | None]:
         """One sampled-decoding mask draft and the proposal it was drawn from: a draw from the

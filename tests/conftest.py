@@ -61,3 +61,13 @@ def run_cli(*args: str, **kwargs):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "fluid_app", *args], capture_output=True, text=True,
                           env=env, cwd=kwargs.pop("cwd", ROOT), timeout=kwargs.pop("timeout", 600), **kwargs)
+
+
+def transformers_twin(model, pack: bool = True):
+    """``model``'s checkpoint loaded through transformers' own model classes and prepared the
+    same way (MASK token, adapter merge, packing): the oracle for the PyTorch backend's own
+    Llama-family forward, and the model whose ``generate`` the lossless tests compare with."""
+    from backends.torch_backend.loader import load_pretrained, prepare
+
+    tokenizer, hf_model = load_pretrained(model.spec, dtype=model.backend.model.dtype)
+    return prepare(model.spec, tokenizer, hf_model, model.backend.torch_device, pack=pack)

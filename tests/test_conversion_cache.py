@@ -187,16 +187,17 @@ def test_the_cached_copy_decodes_like_transformers_reading_the_gguf(smollm2):
     from backends.torch_backend.loader import prepare
     from backends.transformers_io import load_tokenizer, quiet
     from fluid_app.api import FluidModel
+    from fluid_app.hf_config import portable_config
 
     spec = resolve_model("default")
     assert smollm2.spec.base == spec.base and spec.gguf_file
-    cached = smollm2.backend.model.config.to_dict()
+    cached = portable_config(smollm2.backend.model.config.to_dict())  # the rope theta in both spellings
     tokenizer = load_tokenizer(spec.base_dir, str(spec.base), spec.gguf_file)
     with quiet():
         model = AutoModelForCausalLM.from_pretrained(str(spec.base_dir), gguf_file=spec.gguf_file, dtype=torch.float32)
     direct = FluidModel(prepare(spec, tokenizer, model, torch.device("cpu")), spec)
     for key in ("rope_theta", "vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings", "rms_norm_eps"):
-        assert cached.get(key) == direct.backend.model.config.to_dict().get(key), key
+        assert cached.get(key) == portable_config(direct.backend.model.config.to_dict()).get(key), key
     assert smollm2.backend.eos_token_ids == direct.backend.eos_token_ids
     prompts = ["Tell me about the Moon.", "Write a haiku about fast decoding.", "<|im_start|>x\u00e9\u4e2d 12"]
     for prompt in prompts:

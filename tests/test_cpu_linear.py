@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from backends.torch_backend.cpu_linear import PackedLinear, pack_linear_layers
-from backends.torch_backend.loader import load
+from backends.torch_backend.loader import load, load_pretrained, prepare
 from fluid_app.model_refs import resolve_model
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
@@ -21,7 +21,8 @@ def _packed_count(model: nn.Module) -> int:
 def test_packed_model_matches_the_plain_one(tiny_model_dir, arch):
     spec = resolve_model(str(tiny_model_dir(arch)))
     plain = load(spec, device="cpu", dtype="float32", pack=False).model
-    packed = load(spec, device="cpu", dtype="float32").model
+    tokenizer, model = load_pretrained(spec, dtype=torch.float32)  # the same transformers class, packed
+    packed = prepare(spec, tokenizer, model, torch.device("cpu")).model
     assert _packed_count(plain) == 0
     # every projection and the LM head: 7 per layer x 2 layers + 1
     assert _packed_count(packed) == 15

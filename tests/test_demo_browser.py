@@ -9,18 +9,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+from serve_helpers import App
 
 CHROMIUM = os.environ.get("FLUID_CHROMIUM", "/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -72,12 +68,6 @@ LEGEND_BOX = """() => {
 }"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """``python app.py`` on a tiny Llama (and a tiny GPT-2 to pick), as a user starts it."""
@@ -91,29 +81,12 @@ def server(tiny_model_dir, tmp_path_factory):
 def app_server(args: list[str], log: Path) -> Iterator[str]:
     """``python app.py ARGS`` on a free port, its console in ``log``; yields the page's URL once
     it answers, and stops the server after."""
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), GRADIO_ANALYTICS_ENABLED="False")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py", *args, "--port", str(port)], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
     try:
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"app.py did not start:\n{log.read_text()}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        app = App(*args, log=log)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    with app:
+        yield app.url
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import inspect
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from fluid_app import hf_config
 from fluid_app.data import Example
@@ -19,7 +18,8 @@ from ..converted_base import base_folder
 from ..transformers_io import load_tokenizer, quiet
 from .cpu_linear import pack_linear_layers
 from .k_head import KHead, load_k_head
-from .lora_merge import merge_plain_lora
+from .llama_family import load_llama_family
+from .lora_merge import is_plain_lora, merge_plain_lora
 from .session import TorchSession
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,6 +75,14 @@ class TorchBackend:
         parameters = inspect.signature(model.base_model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
 
+    def new_cache(self):
+        """An empty KV cache for a decode session: the model's own, else transformers'."""
+        if hasattr(self.model, "new_cache"):
+            return self.model.new_cache()
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
     @property
     def has_k_head(self) -> bool:
         return self.k_head is not None
@@ -111,7 +119,9 @@ def load(spec: ModelSpec, *, device: str = "auto", dtype: str = "auto",
     """
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
-    tokenizer, model = load_pretrained(spec, dtype=torch_dtype)
+    # an adapter the plain merge cannot take goes through peft, which wraps transformers' classes
+    own_forward = pack and (spec.adapter is None or (torch_dtype == torch.float32 and is_plain_lora(spec.adapter)))
+    tokenizer, model = load_pretrained(spec, dtype=torch_dtype, own_forward=own_forward)
     return prepare(spec, tokenizer, model, torch_device, mask_token_id=mask_token_id, k_head=k_head, pack=pack)
 
 
@@ -139,9 +149,13 @@ def prepare(spec: ModelSpec, tokenizer, model, torch_device: torch.device, *, ma
     return TorchBackend(model, tokenizer, config, head, torch_device, label=spec.label)
 
 
-def load_pretrained(spec: ModelSpec, **model_kwargs):
+def load_pretrained(spec: ModelSpec, *, own_forward: bool = False, **model_kwargs):
     """Tokenizer and causal LM of ``spec`` (folder, or GGUF through its cached conversion),
     with one-line errors.
+
+    ``own_forward`` (inference loads) builds a Llama-family model with
+    :mod:`.llama_family`, which computes transformers' outputs without importing its model
+    code; other architectures, and every load for training or export, use transformers.
 
     A damaged weights file (a cut download, an empty or garbled copy) is named, with the
     fix: safetensors' own error says what is wrong but not in which file.
@@ -159,7 +173,11 @@ def load_pretrained(spec: ModelSpec, **model_kwargs):
     tokenizer = load_tokenizer(folder, str(spec.base))
     with quiet():
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(folder), **model_kwargs)
+            model = load_llama_family(folder, model_kwargs.get("dtype", torch.float32)) if own_forward else None
+            if model is None:
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(str(folder), **model_kwargs)
         except SafetensorError as exc:
             files = sorted(folder.glob("model*.safetensors"))
             where = next((path for path in files if unreadable(str(path))), folder)

@@ -36,38 +36,56 @@ PLAIN_FIELDS = frozenset({
 })
 
 
+def is_plain_lora(adapter_dir: Path) -> bool:
+    """Whether :func:`merge_plain_lora` can merge the adapter in ``adapter_dir`` (judged from its
+    config and tensor names, before any model is loaded; an unreadable file says False)."""
+    try:
+        return _plain(adapter_dir) is not None
+    except FluidError:
+        return False
+
+
+def _plain(adapter_dir: Path) -> tuple[int, float, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None:
+    """``(rank, scaling, {module: (A, B)})`` of a plain LoRA adapter, else None."""
+    try:
+        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # peft reports it in its own words
+    if not isinstance(config, dict) or any(value for name, value in config.items() if name not in PLAIN_FIELDS):
+        return None
+    if config.get("peft_type", "LORA") != "LORA" or config.get("bias", "none") != "none" \
+            or not isinstance(config.get("r"), int) or config["r"] <= 0:
+        return None
+    rank, alpha = config["r"], config.get("lora_alpha", 8)
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    lora = _read(adapter_dir / ADAPTER_WEIGHTS)
+    if lora is None:
+        return None
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key in lora:
+        module, sep, kind = key.removeprefix(PREFIX).rpartition(".lora_")
+        if not key.startswith(PREFIX) or not sep or kind not in ("A.weight", "B.weight"):
+            return None  # something besides LoRA matrices: leave it to peft
+        if module not in pairs:
+            a, b = lora.get(f"{PREFIX}{module}.lora_A.weight"), lora.get(f"{PREFIX}{module}.lora_B.weight")
+            if a is None or b is None:
+                return None
+            pairs[module] = (a, b)
+    return (rank, scaling, pairs) if pairs else None
+
+
 def merge_plain_lora(model: nn.Module, adapter_dir: Path) -> bool:
     """Fuse the adapter in ``adapter_dir`` into ``model`` in place; False if it is not plain.
 
     Raises :class:`FluidError` for an unreadable adapter file or one shaped for another base.
     """
-    try:
-        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False  # peft reports it in its own words
-    if not isinstance(config, dict) or any(value for name, value in config.items() if name not in PLAIN_FIELDS):
+    plain = _plain(adapter_dir)
+    if plain is None:
         return False
-    if config.get("peft_type", "LORA") != "LORA" or config.get("bias", "none") != "none" \
-            or not isinstance(config.get("r"), int) or config["r"] <= 0:
-        return False
-    rank, alpha = config["r"], config.get("lora_alpha", 8)
-    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    lora = _read(adapter_dir / ADAPTER_WEIGHTS)
-    if lora is None:
-        return False
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key in lora:
-        module, sep, kind = key.removeprefix(PREFIX).rpartition(".lora_")
-        if not key.startswith(PREFIX) or not sep or kind not in ("A.weight", "B.weight"):
-            return False  # something besides LoRA matrices: leave it to peft
-        if module not in pairs:
-            a, b = lora.get(f"{PREFIX}{module}.lora_A.weight"), lora.get(f"{PREFIX}{module}.lora_B.weight")
-            if a is None or b is None:
-                return False
-            pairs[module] = (a, b)
+    rank, scaling, pairs = plain
     layers = dict(model.named_modules())
     targets = [layers.get(module) for module in pairs]
-    if not pairs or any(type(layer) is not nn.Linear or layer.weight.dtype != torch.float32 for layer in targets):
+    if any(type(layer) is not nn.Linear or layer.weight.dtype != torch.float32 for layer in targets):
         return False
     for (module, (a, b)), layer in zip(pairs.items(), targets):  # every shape first: no half-merged model
         if a.shape[0] != rank or b.shape[1] != rank or (b.shape[0], a.shape[1]) != tuple(layer.weight.shape):

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from fluid_app.protocol import StepOutput
 
@@ -42,7 +41,7 @@ class TorchSession:
             ids[b, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         self.valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
         self.lengths = torch.tensor(lengths, dtype=torch.long)
-        self.cache = DynamicCache(config=backend.model.config)
+        self.cache = backend.new_cache()
         self._last_width = 0
         positions = torch.arange(width)[None, :].expand(len(prompts), -1)
         self.first = self._run(ids, positions, self.valid, last=self.lengths - 1)

@@ -1,0 +1,373 @@
+"""Llama, Mistral, Qwen2 and Qwen3 decoders in plain PyTorch, for decoding without transformers' model code.
+
+Why: on a 2-core CPU, importing transformers' modeling code (its lazy module scan, the
+distributed-tensor and kernel-hub imports it pulls in) and ``from_pretrained`` took about 6 s
+of the 10 s a four-token ``fluid generate`` of the 135M default needed; the decode itself took
+well under one. These four architectures are one network (pre-norm blocks, rotary attention
+with grouped KV heads, a SwiGLU MLP) differing only in biases and Qwen3's per-head q/k norms,
+so an inference load of any of them builds this module straight from ``config.json`` and the
+safetensors files. Everything else (training, export, other architectures, configs with rope
+scaling or a sliding window that can bind) keeps transformers' classes.
+
+It computes what transformers' SDPA path computes, op for op and with the same kernel choices:
+no mask when the window is causal on its own (one query, or a fresh prefill), a boolean
+``[B, 1, q, kv]`` mask otherwise (padding and causality over cache columns), GQA through
+SDPA's ``enable_gqa`` without a mask, by folding the heads into the query for a single masked
+query, by repeating KV heads otherwise. So with packed CPU weights (how decoding runs) its
+logits equal transformers' bit for bit in every session operation
+(``tests/test_llama_family.py``). With plain ``F.linear`` the two can differ in the last float
+bits (about 1e-6): the weights here are private copies, transformers' stay mapped from the
+file, and a CPU matmul's summation order follows the weights' memory alignment.
+
+The module keeps transformers' parameter names (``model.layers.N.self_attn.q_proj``...), so
+safetensors load directly, a peft LoRA merges by name, and the linear layers pack as before.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fluid_app import hf_config
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the network needs from ``config.json``."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    rope_theta: float
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    tied: bool
+
+
+def shape_of(config: dict[str, Any]) -> Shape | None:
+    """The :class:`Shape` of a config this module computes exactly as transformers does, else None."""
+    kind = config.get("model_type")
+    if kind not in ARCHITECTURES or config.get("quantization_config") or config.get("hidden_act", "silu") != "silu":
+        return None
+    if config.get("pretraining_tp", 1) not in (1, None):
+        return None
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict):
+        theta = rope.get("rope_theta") if rope.get("rope_type", "default") == "default" else None
+    else:
+        theta = config.get("rope_theta") if not config.get("rope_scaling") else None
+    context = hf_config.context_length(config)
+    window = config.get("sliding_window")
+    if kind in ("qwen2", "qwen3"):
+        window = window if config.get("use_sliding_window") else None
+    if theta is None or (window is not None and window < context):
+        return None  # scaled rope, or a window that can bind: transformers' classes
+    if any(layer != "full_attention" for layer in config.get("layer_types") or ()) and window is not None:
+        return None
+    try:
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        bias = bool(config.get("attention_bias", False))
+        return Shape(
+            hidden=hidden, intermediate=int(config["intermediate_size"]), layers=int(config["num_hidden_layers"]),
+            heads=heads, kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads), vocab=int(config["vocab_size"]),
+            eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+            qkv_bias=True if kind == "qwen2" else bias, o_bias=bias if kind in ("llama", "qwen3") else False,
+            mlp_bias=bool(config.get("mlp_bias", False)) if kind == "llama" else False,
+            qk_norm=kind == "qwen3", tied=bool(config.get("tie_word_embeddings", False)),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def linear(inputs: int, outputs: int, bias: bool) -> nn.Linear:
+    """An ``nn.Linear`` with unset weights (the checkpoint fills them): ``nn.Linear`` itself would
+    spend seconds initialising weights that are then overwritten (and on the meta device its
+    initialisers import torch's compiler)."""
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = inputs, outputs
+    layer.weight = nn.Parameter(torch.empty(outputs, inputs), requires_grad=False)
+    layer.bias = nn.Parameter(torch.empty(outputs), requires_grad=False) if bias else None
+    return layer
+
+
+def embedding(rows: int, dim: int) -> nn.Embedding:
+    """An ``nn.Embedding`` with unset weights, for the same reason as :func:`linear`."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim), _freeze=True)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, shape: Shape, index: int):
+        super().__init__()
+        self.index, self.head_dim = index, shape.head_dim
+        self.groups = shape.heads // shape.kv_heads
+        self.scale = shape.head_dim ** -0.5
+        self.q_proj = linear(shape.hidden, shape.heads * shape.head_dim, shape.qkv_bias)
+        self.k_proj = linear(shape.hidden, shape.kv_heads * shape.head_dim, shape.qkv_bias)
+        self.v_proj = linear(shape.hidden, shape.kv_heads * shape.head_dim, shape.qkv_bias)
+        self.o_proj = linear(shape.heads * shape.head_dim, shape.hidden, shape.o_bias)
+        if shape.qk_norm:
+            self.q_norm = RMSNorm(shape.head_dim, shape.eps)
+            self.k_norm = RMSNorm(shape.head_dim, shape.eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: KVCache | None) -> torch.Tensor:
+        batch, width = x.shape[:2]
+        split = (batch, width, -1, self.head_dim)
+        q, k, v = self.q_proj(x).view(split), self.k_proj(x).view(split), self.v_proj(x).view(split)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, self.index)
+        options: dict[str, Any] = {}
+        if self.groups > 1:  # transformers' SDPA dispatch, so the same kernels see the same tensors
+            if mask is None and k.shape[-1] == v.shape[-1] <= 256:
+                options["enable_gqa"] = True
+            elif width == 1:
+                q = q.reshape(batch, q.shape[1] // self.groups, self.groups, self.head_dim)
+            else:
+                k, v = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=self.scale,
+                                             is_causal=width > 1 and mask is None, **options)
+        out = out.reshape(batch, -1, width, v.shape[-1]).transpose(1, 2).contiguous()
+        return self.o_proj(out.reshape(batch, width, -1).contiguous())
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    batch, heads, length, dim = x.shape
+    return x[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: Shape):
+        super().__init__()
+        self.gate_proj = linear(shape.hidden, shape.intermediate, shape.mlp_bias)
+        self.up_proj = linear(shape.hidden, shape.intermediate, shape.mlp_bias)
+        self.down_proj = linear(shape.intermediate, shape.hidden, shape.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, shape: Shape, index: int):
+        super().__init__()
+        self.self_attn = Attention(shape, index)
+        self.mlp = MLP(shape)
+        self.input_layernorm = RMSNorm(shape.hidden, shape.eps)
+        self.post_attention_layernorm = RMSNorm(shape.hidden, shape.eps)
+
+    def forward(self, x, mask, rope, cache):
+        x = x + self.self_attn(self.input_layernorm(x), mask, rope, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Per-layer keys and values ``[B, kv_heads, columns, head_dim]``, grown by concatenation.
+
+    The attributes and ``crop`` follow transformers' ``DynamicCache`` (``layers[i].keys`` /
+    ``.values``), which :class:`.session.TorchSession` edits directly to add, drop and rewind rows.
+    """
+
+    def __init__(self, layers: int):
+        self.layers = [SimpleNamespace(keys=None, values=None) for _ in range(layers)]
+
+    def get_seq_length(self) -> int:
+        keys = self.layers[0].keys
+        return 0 if keys is None else int(keys.shape[-2])
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[index]
+        if layer.keys is None:
+            layer.keys, layer.values = keys, values
+        else:
+            layer.keys = torch.cat([layer.keys, keys], dim=-2)
+            layer.values = torch.cat([layer.values, values], dim=-2)
+        return layer.keys, layer.values
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` columns (a negative ``length`` drops that many from the end)."""
+        if length < 0:
+            length = self.get_seq_length() + length
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+
+
+def causal_mask(padding: torch.Tensor | None, width: int, past: int, batch: int) -> torch.Tensor | None:
+    """transformers' SDPA mask: None when causality alone describes the window (one query, or
+    every key visible to a fresh prefill), else True where query row may attend cache column."""
+    if (width == 1 or past == 0) and (padding is None or bool(padding.all())):
+        return None
+    device = padding.device if padding is not None else None
+    queries = torch.arange(width, device=device)[None, None, :, None] + past
+    keys = torch.arange(past + width, device=device)[None, None, None, :]
+    mask = keys <= queries
+    if padding is not None:
+        mask = mask & padding.bool()[:, None, None, :]
+    return mask.expand(batch, -1, width, past + width)
+
+
+class Inner(nn.Module):
+    """The decoder stack (transformers' ``model.model``): ids in, final hidden states out."""
+
+    def __init__(self, shape: Shape):
+        super().__init__()
+        self.embed_tokens = embedding(shape.vocab, shape.hidden)
+        self.layers = nn.ModuleList(Block(shape, i) for i in range(shape.layers))
+        self.norm = RMSNorm(shape.hidden, shape.eps)
+        steps = torch.arange(0, shape.head_dim, 2, dtype=torch.float)
+        self.inv_freq = 1.0 / (shape.rope_theta ** (steps / shape.head_dim))
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                use_cache: bool = True) -> SimpleNamespace:
+        x = self.embed_tokens(input_ids)
+        batch, width = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + width, device=x.device)[None].expand(batch, -1)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        mask = causal_mask(attention_mask, width, past, batch)
+        for block in self.layers:
+            x = block(x, mask, rope, cache)
+        return SimpleNamespace(last_hidden_state=self.norm(x))
+
+
+class Config(SimpleNamespace):
+    """The parsed ``config.json``, read the way the backend reads a transformers config."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def get_text_config(self) -> "Config":
+        return self
+
+
+class LlamaFamilyLM(nn.Module):
+    """The causal LM: :class:`Inner` plus its output layer (tied to the embedding or not)."""
+
+    def __init__(self, shape: Shape, config: dict[str, Any], generation: dict[str, Any] | None):
+        super().__init__()
+        self.shape = shape
+        self.config = Config(**config)
+        self.generation_config = Config(**generation) if generation else None
+        self.model = Inner(shape)
+        self.lm_head = linear(shape.hidden, shape.vocab, False)
+        if shape.tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def base_model(self) -> Inner:
+        return self.model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.shape.layers)
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False, **_: Any) -> SimpleNamespace:
+        """Logits of a plain causal pass (teacher-forced scoring)."""
+        return SimpleNamespace(logits=self.lm_head(self.model(input_ids, cache=None).last_hidden_state))
+
+    def resize_token_embeddings(self, rows: int, mean_resizing: bool = False) -> None:
+        """Grow the vocabulary to ``rows`` (new rows zero: the loader fills them)."""
+        old = self.model.embed_tokens.weight
+        embed = nn.Embedding(rows, old.shape[1], dtype=old.dtype, device=old.device)
+        with torch.no_grad():
+            embed.weight.zero_()
+            embed.weight[: old.shape[0]] = old
+        self.model.embed_tokens = embed
+        if self.shape.tied:
+            self.lm_head = nn.Linear(old.shape[1], rows, bias=False, dtype=old.dtype, device=old.device)
+            self.lm_head.weight = embed.weight
+        else:
+            head = nn.Linear(old.shape[1], rows, bias=False, dtype=old.dtype, device=old.device)
+            with torch.no_grad():
+                head.weight.zero_()
+                head.weight[: self.lm_head.weight.shape[0]] = self.lm_head.weight
+            self.lm_head = head
+        self.config.vocab_size = rows
+
+
+def load_llama_family(folder: Path, dtype: torch.dtype) -> LlamaFamilyLM | None:
+    """The model in ``folder`` as a :class:`LlamaFamilyLM`, or None when transformers must load it
+    (another architecture, a setting computed differently, weights not laid out as expected)."""
+    from safetensors import safe_open
+
+    config = hf_config.read_config(folder)
+    shape = shape_of(config)
+    if shape is None:
+        return None
+    index = folder / "model.safetensors.index.json"
+    try:
+        files = (sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+                 if index.exists() else [folder / "model.safetensors"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    model = LlamaFamilyLM(shape, config, hf_config.read_generation_config(folder))
+    wanted = {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()}
+    if shape.tied:
+        wanted.pop("lm_head.weight")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="pt") as weights:  # a damaged file raises: named by the caller
+            for name in weights.keys():
+                if name in wanted:  # a private copy: writing (a LoRA merge) to the file's mapping costs 3x more
+                    state[name] = weights.get_tensor(name).to(dtype, copy=True)
+    if set(state) != set(wanted) or any(state[n].shape != wanted[n].shape for n in state):
+        return None
+    model.load_state_dict(state, strict=False, assign=True)
+    if shape.tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()

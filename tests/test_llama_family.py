@@ -1,0 +1,88 @@
+"""The PyTorch backend's own Llama-family forward computes transformers' outputs, bit for bit.
+
+Inference loads of Llama, Mistral, Qwen2 and Qwen3 run :mod:`backends.torch_backend.llama_family`
+instead of transformers' model classes (it starts seconds faster). Every decode session
+operation (a padded batch prefill, windows, holes left by uneven commits, rows added, dropped,
+rewound and extended) is driven through both models, and every logit must be equal; what the
+module does not compute the same way must go to transformers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fluid_app
+from backends.torch_backend.llama_family import LlamaFamilyLM, shape_of
+from backends.torch_backend.loader import load_pretrained, prepare
+from fluid_app.model_refs import resolve_model
+
+
+def _both(folder):
+    spec = resolve_model(str(folder))
+    backends = []
+    for own in (True, False):
+        tokenizer, model = load_pretrained(spec, dtype=torch.float32, own_forward=own)
+        backends.append(prepare(spec, tokenizer, model, torch.device("cpu")))  # packed, as decoding runs
+    return backends
+
+
+def _session_logits(backend, edits: bool) -> list[np.ndarray]:
+    """Logits of one scripted decode session: every shape of forward the sampler makes."""
+    out = []
+    session, first = backend.start([[5, 6, 7, 8, 9], [10, 11, 12]], logits=True)  # padded prefill
+    out.append(first.logits)
+    out.append(session.forward(np.array([[1, 2, 3, 4], [5, 6, 7, 8]])).logits)  # window over a padded cache
+    session.commit([4, 2])  # uneven: holes
+    out.append(session.forward(np.array([[9], [10]])).logits)  # one masked query (GQA folded into it)
+    session.commit([1, 1])
+    if edits:
+        out.append(session.add([[20, 21, 22, 23, 24, 25, 26]]).logits)
+        out.append(session.forward(np.array([[1, 2], [3, 4], [5, 6]])).logits)
+        session.commit([2, 1, 0])
+        session.drop([0])
+    out.append(session.forward(np.array([[7, 8, 9]] * len(session.lengths))).logits)
+    session.commit([3] * len(session.lengths))
+    solo, first = backend.start([[5, 6, 7, 8, 9, 10]], logits=True)  # causal prefill: no mask
+    out.append(first.logits)
+    out.append(solo.forward(np.array([[1]])).logits)  # one query, no mask: SDPA's own GQA
+    solo.commit([1])
+    out.append(solo.forward(np.array([[1, 2, 3]])).logits)  # a window: a causal mask over the cache
+    solo.commit([2])
+    if edits:
+        solo.truncate([4])
+        out.append(solo.extend([[3, 4, 5]]).logits)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_every_session_forward_equals_transformers_bitwise(tiny_model_dir, arch):
+    ours, theirs = _both(tiny_model_dir(arch))
+    assert isinstance(ours.model, LlamaFamilyLM) and not isinstance(theirs.model, LlamaFamilyLM)
+    # transformers' Mistral cache keeps its own length count, which the session's row edits
+    # (add, drop, truncate) do not update: its model cannot run them (ours can)
+    edits = arch != "mistral"
+    for step, (a, b) in enumerate(zip(_session_logits(ours, edits), _session_logits(theirs, edits), strict=True)):
+        assert a.shape == b.shape and np.array_equal(a, b), (arch, step, float(np.abs(a - b).max()))
+
+
+def test_what_is_computed_differently_goes_to_transformers(tiny_model_dir):
+    base = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 400, "rope_theta": 10000.0,
+            "max_position_embeddings": 512}
+    assert shape_of(base) is not None
+    assert shape_of({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}).rope_theta == 5e5
+    refused = [
+        {**base, "model_type": "gpt2"},
+        {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+        {**base, "rope_scaling": {"type": "linear", "factor": 2.0}},
+        {**base, "model_type": "mistral", "sliding_window": 128},  # binds inside the context
+        {**base, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64},
+        {**base, "hidden_act": "gelu"},
+        {**base, "quantization_config": {"quant_method": "gguf"}},
+        {key: value for key, value in base.items() if key != "rope_theta"},
+    ]
+    assert all(shape_of(config) is None for config in refused)
+    gpt2 = fluid_app.load(str(tiny_model_dir("gpt2")), backend="torch", device="cpu")
+    assert not isinstance(gpt2.backend.model, LlamaFamilyLM)
