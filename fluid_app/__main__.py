@@ -1,7 +1,5 @@
 """``python -m fluid_app`` is the ``fluid`` command."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

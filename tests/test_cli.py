@@ -140,3 +140,30 @@ def test_a_chat_history_may_end_with_any_role_but_not_be_blank(tmp_path):
     path.write_text('[{"role": "user", "content": " "}]')
     assert_one_line_error(run_cli("generate", "--model", "/no/such/model", "--messages", str(path)),
                           "history is empty")
+
+
+def test_the_command_ends_at_once_after_exit_handlers_and_flushed_output(tiny_model_dir, tmp_path):
+    """``fluid`` skips Python's slow module teardown (``os._exit``), but only after the exit
+    handlers have run and the output is flushed: a piped ``--json`` arrives whole."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import ROOT
+
+    marker = tmp_path / "handler-ran"
+    script = textwrap.dedent(f"""
+        import atexit, sys
+        atexit.register(lambda: open({str(marker)!r}, "w").write("yes"))
+        sys.argv = ["fluid", "generate", "--model", {str(tiny_model_dir("llama"))!r}, "--prompt", "Paris is",
+                    "--max-new-tokens", "5", "--json"]
+        from fluid_app.cli import run
+        run()
+        print("run() returned")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe's output is buffered
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=dict(env, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["new_tokens"] == 5 and "run() returned" not in done.stdout
+    assert marker.read_text() == "yes"
