@@ -131,6 +131,21 @@ def status(page) -> str:
     return page.locator("#fluid-status textarea").input_value()
 
 
+def test_the_prompt_row_shows_on_the_live_and_race_tabs_only(browser, server):
+    """The shared prompt row hides on Chat and shows on Live and Race at once, with no server
+    round trip: the tabs are clicked before the page can have made any request of its own."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1500})
+    page.route("**/gradio_api/**", lambda route: route.abort())  # no event reaches the server
+    page.goto(server)
+    page.wait_for_selector("#fluid-chat-send", timeout=60_000)
+    prompt = page.locator("#fluid-prompt textarea")
+    assert not prompt.is_visible()
+    for tab, shown in (("Live", True), ("Chat", False), ("Race vs AR", True), ("Chat", False)):
+        page.get_by_role("tab", name=tab).click()
+        prompt.wait_for(state="visible" if shown else "hidden", timeout=5_000)
+    page.close()
+
+
 def test_live_view_streams_block_states_then_replays(page, tmp_path):
     page.locator("#fluid-prompt textarea").fill("Once upon a time")
     set_number(page, "fluid-max-new", 10)

@@ -43,7 +43,12 @@ EXAMPLES = ["Tell me about the Moon.", "Write a haiku about fast decoding.",
 
 
 # The race's two block views keep one height, so the text boxes under them line up.
-PAGE_CSS = ".fluid-race-live {height: 11em; overflow-y: auto}"
+# The Live and Race tabs share one prompt row above the tabs; the Chat tab has its own box. The
+# row hides while the Chat panel shows, in CSS on the panel's own state: a tab-select event would
+# need a round trip to the server, and a click made while the page still loads (or the server is
+# busy) left the row hidden on the Live tab.
+PAGE_CSS = """.fluid-race-live {height: 11em; overflow-y: auto}
+.gradio-container:has(#fluid-chat-tab:not([style*="display: none"])) #fluid-prompt-row {display: none !important}"""
 
 
 def _fail(message: str) -> gr.Error:
@@ -397,7 +402,7 @@ class DemoApp:
                         "verified against the model's own next-token choice, in fewer forwards: at "
                         "temperature 0 the output is exactly what greedy AR would write; above 0 it "
                         "follows the model's sampling distribution exactly (not AR's draws token for token).")
-            with gr.Row(visible=False) as prompt_row:  # the Live and Race tabs' prompt (Chat has its own box)
+            with gr.Row(elem_id="fluid-prompt-row"):  # the Live and Race tabs' prompt (PAGE_CSS hides it on Chat)
                 with gr.Column(scale=2):
                     prompt = gr.Textbox(label="Prompt", lines=3, value=EXAMPLES[0], elem_id="fluid-prompt")
                     gr.Examples(EXAMPLES, inputs=prompt)
@@ -429,7 +434,7 @@ class DemoApp:
                                      elem_id="fluid-seed")
             status = gr.Textbox(label="Status", interactive=False, elem_id="fluid-status")
             with gr.Tabs():
-                with gr.Tab("Chat", elem_id="fluid-chat-tab") as chat_tab:
+                with gr.Tab("Chat", elem_id="fluid-chat-tab"):
                     with gr.Row():
                         with gr.Column(scale=3):
                             transcript = gr.HTML(transcript_html(Conversation()), elem_id="fluid-chat")
@@ -446,7 +451,7 @@ class DemoApp:
                             gr.HTML(legend_html())
                             chat_live = gr.HTML(slots_html(None, str), elem_id="fluid-chat-live")
                     conversation = gr.State(Conversation())
-                with gr.Tab("Live") as live_tab:
+                with gr.Tab("Live"):
                     with gr.Row():
                         mode = gr.Radio(list(MODES)[::-1], value="fluid", label="Mode")
                         go = gr.Button("Generate", variant="primary", elem_id="fluid-generate")
@@ -464,7 +469,7 @@ class DemoApp:
                     replay_at = gr.Slider(0, 1, value=0, step=1, label="Replay: step through the finished decode",
                                           interactive=True, elem_id="fluid-replay")
                     replay_state = gr.State(None)
-                with gr.Tab("Race vs AR") as race_tab:
+                with gr.Tab("Race vs AR"):
                     with gr.Row():
                         race_go = gr.Button("Race FLUID vs AR", variant="primary", elem_id="fluid-race")
                         race_stop = gr.Button("Stop", variant="stop")
@@ -510,9 +515,6 @@ class DemoApp:
                             api_name=False, queue=False)
             clear.click(lambda: (transcript_html(Conversation()), slots_html(None, str), Conversation(), "", ""),
                         None, chat_outputs, cancels=chat_events, api_name=False, queue=False)
-            chat_tab.select(lambda: gr.Row(visible=False), None, prompt_row, api_name=False, queue=False)
-            for tab in (live_tab, race_tab):
-                tab.select(lambda: gr.Row(visible=True), None, prompt_row, api_name=False, queue=False)
         demo.queue(default_concurrency_limit=self.concurrency)
         return demo
 
