@@ -23,8 +23,6 @@ import sys
 import time
 from typing import Any, Iterator, Sequence
 
-import gradio as gr
-
 from backends import BACKENDS
 
 from ..api import check_prompt
@@ -33,8 +31,11 @@ from ..exposure import check_exposure
 from ..fluid_config import FluidConfig
 from ..sampler import MODES, DecodeSettings
 from .chat import Conversation, Turn, messages, reply_stats, token_pieces, transcript_html, with_reply
+from .gradio_loader import import_gradio
 from .render import LiveView, legend_html, plot_data, race_summary, sampling_text, slots_html, stats_text
 from .runner import Activity, ModelCache, ModelChoices, Run, TokenText, race, verdict, warm_up
+
+gr = import_gradio()
 
 UPDATE_INTERVAL_S = 0.05  # at most ~20 page updates a second (more is invisible and costly)
 PLOT_INTERVAL_S = 0.5  # the plot redraws less often than the slots
@@ -43,6 +44,7 @@ EXAMPLES = ["Tell me about the Moon.", "Write a haiku about fast decoding.",
 
 
 # The race's two block views keep one height, so the text boxes under them line up.
+#
 # The Live and Race tabs share one prompt row above the tabs; the Chat tab has its own box. The
 # row hides while the Chat panel shows, in CSS on the panel's own state: a tab-select event would
 # need a round trip to the server, and a click made while the page still loads (or the server is
