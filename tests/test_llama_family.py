@@ -86,3 +86,33 @@ def test_what_is_computed_differently_goes_to_transformers(tiny_model_dir):
     assert all(shape_of(config) is None for config in refused)
     gpt2 = fluid_app.load(str(tiny_model_dir("gpt2")), backend="torch", device="cpu")
     assert not isinstance(gpt2.backend.model, LlamaFamilyLM)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_grown_vocabulary_equals_transformers_bitwise(tiny_model_dir, tmp_path, tied):
+    """A base without a spare token gets a MASK row added (``add_embedding_rows``): the grown
+    embeddings and output layer, tied or not, compute what transformers' resized model does."""
+    import json
+    import shutil
+
+    from backends.torch_backend.loader import add_embedding_rows
+
+    folder = shutil.copytree(tiny_model_dir("llama"), tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": tied}))
+    spec = resolve_model(str(folder))
+    backends = []
+    for own in (True, False):
+        tokenizer, model = load_pretrained(spec, dtype=torch.float32, own_forward=own)
+        rows = model.get_input_embeddings().weight.shape[0] + 3
+        add_embedding_rows(model, rows)
+        assert model.get_output_embeddings().weight.shape[0] == rows
+        assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+        backends.append(prepare(spec, tokenizer, model, torch.device("cpu")))
+    ours, theirs = backends
+    assert isinstance(ours.model, LlamaFamilyLM) and not isinstance(theirs.model, LlamaFamilyLM)
+    new_row = rows - 1
+    for a, b in zip(_session_logits(ours, True), _session_logits(theirs, True), strict=True):
+        assert a.shape[-1] == rows and np.array_equal(a, b), float(np.abs(a - b).max())
+    first = ours.start([[5, new_row, 7]], logits=True)[1].logits  # the new row is read, not just carried
+    assert np.array_equal(first, theirs.start([[5, new_row, 7]], logits=True)[1].logits)

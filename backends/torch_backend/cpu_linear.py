@@ -32,13 +32,14 @@ class PackedLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "PackedLinear":
-        packed = _linear_shell(cls, linear, linear.weight, linear.bias)
+        packed = linear_shell(cls, linear.in_features, linear.out_features, linear.weight, linear.bias)
         with torch.no_grad():
             packed.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), ROWS_HINT)
         return packed
 
     def __deepcopy__(self, memo: dict) -> nn.Linear:
-        return _linear_shell(nn.Linear, self, copy.deepcopy(self.weight, memo), copy.deepcopy(self.bias, memo))
+        return linear_shell(nn.Linear, self.in_features, self.out_features, copy.deepcopy(self.weight, memo),
+                            copy.deepcopy(self.bias, memo))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.weight.requires_grad:
@@ -47,13 +48,14 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
 
 
-def _linear_shell(cls: type[nn.Linear], like: nn.Linear, weight: nn.Parameter,
-                  bias: nn.Parameter | None) -> nn.Linear:
-    """A ``cls`` layer shaped like ``like`` holding the given tensors, without
-    ``nn.Linear.__init__`` allocating and initialising weights only to drop them."""
+def linear_shell(cls: type[nn.Linear], in_features: int, out_features: int, weight: nn.Parameter,
+                 bias: nn.Parameter | None) -> nn.Linear:
+    """A ``cls`` layer holding the given tensors, without ``nn.Linear.__init__`` allocating and
+    initialising weights only to drop them (seconds for a model; on the meta device its
+    initialisers import torch's compiler)."""
     layer = cls.__new__(cls)
     nn.Module.__init__(layer)
-    layer.in_features, layer.out_features = like.in_features, like.out_features
+    layer.in_features, layer.out_features = in_features, out_features
     layer.weight, layer.bias = weight, bias
     return layer
 

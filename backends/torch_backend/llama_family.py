@@ -37,6 +37,8 @@ from torch import nn
 
 from fluid_app import hf_config
 
+from .cpu_linear import linear_shell
+
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -96,21 +98,17 @@ def shape_of(config: dict[str, Any]) -> Shape | None:
         return None
 
 
-def linear(inputs: int, outputs: int, bias: bool) -> nn.Linear:
-    """An ``nn.Linear`` with unset weights (the checkpoint fills them): ``nn.Linear`` itself would
-    spend seconds initialising weights that are then overwritten (and on the meta device its
-    initialisers import torch's compiler)."""
-    layer = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(layer)
-    layer.in_features, layer.out_features = inputs, outputs
-    layer.weight = nn.Parameter(torch.empty(outputs, inputs), requires_grad=False)
-    layer.bias = nn.Parameter(torch.empty(outputs), requires_grad=False) if bias else None
-    return layer
+def linear(inputs: int, outputs: int, bias: bool, dtype: torch.dtype | None = None) -> nn.Linear:
+    """An ``nn.Linear`` with unset weights, for the checkpoint to fill (:func:`linear_shell`)."""
+    def unset(*shape: int) -> nn.Parameter:
+        return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+    return linear_shell(nn.Linear, inputs, outputs, unset(outputs, inputs), unset(outputs) if bias else None)
 
 
-def embedding(rows: int, dim: int) -> nn.Embedding:
+def embedding(rows: int, dim: int, dtype: torch.dtype | None = None) -> nn.Embedding:
     """An ``nn.Embedding`` with unset weights, for the same reason as :func:`linear`."""
-    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim), _freeze=True)
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim, dtype=dtype), _freeze=True)
 
 
 class RMSNorm(nn.Module):
@@ -319,22 +317,20 @@ class LlamaFamilyLM(nn.Module):
         return SimpleNamespace(logits=self.lm_head(self.model(input_ids, cache=None).last_hidden_state))
 
     def resize_token_embeddings(self, rows: int, mean_resizing: bool = False) -> None:
-        """Grow the vocabulary to ``rows`` (new rows zero: the loader fills them)."""
-        old = self.model.embed_tokens.weight
-        embed = nn.Embedding(rows, old.shape[1], dtype=old.dtype, device=old.device)
+        """Grow the vocabulary to ``rows``. The new rows are zero whatever ``mean_resizing`` says
+        (transformers' signature): their one caller, ``loader.add_embedding_rows``, sets them."""
+        def grown(old: torch.Tensor) -> torch.Tensor:
+            weight = torch.zeros(rows, old.shape[1], dtype=old.dtype, device=old.device)
+            weight[: old.shape[0]] = old
+            return weight
+
         with torch.no_grad():
-            embed.weight.zero_()
-            embed.weight[: old.shape[0]] = old
-        self.model.embed_tokens = embed
-        if self.shape.tied:
-            self.lm_head = nn.Linear(old.shape[1], rows, bias=False, dtype=old.dtype, device=old.device)
-            self.lm_head.weight = embed.weight
-        else:
-            head = nn.Linear(old.shape[1], rows, bias=False, dtype=old.dtype, device=old.device)
-            with torch.no_grad():
-                head.weight.zero_()
-                head.weight[: self.lm_head.weight.shape[0]] = self.lm_head.weight
-            self.lm_head = head
+            embed = embedding(rows, self.shape.hidden, self.model.embed_tokens.weight.dtype)
+            embed.weight.data = grown(self.model.embed_tokens.weight)
+            head = linear(self.shape.hidden, rows, False, self.lm_head.weight.dtype)
+            head.weight = embed.weight if self.shape.tied else nn.Parameter(grown(self.lm_head.weight),
+                                                                            requires_grad=False)
+        self.model.embed_tokens, self.lm_head = embed, head
         self.config.vocab_size = rows
 
 
