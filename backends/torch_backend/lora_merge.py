@@ -45,8 +45,9 @@ def is_plain_lora(adapter_dir: Path) -> bool:
         return False
 
 
-def _plain(adapter_dir: Path) -> tuple[int, float, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None:
-    """``(rank, scaling, {module: (A, B)})`` of a plain LoRA adapter, else None."""
+def _plain(adapter_dir: Path) -> tuple[int, float, dict[str, tuple[str, str]]] | None:
+    """``(rank, scaling, {module: (A's tensor name, B's)})`` of a plain LoRA adapter, else None:
+    read from its config and the weights file's header, no tensor loaded."""
     try:
         config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -58,19 +59,17 @@ def _plain(adapter_dir: Path) -> tuple[int, float, dict[str, tuple[torch.Tensor,
         return None
     rank, alpha = config["r"], config.get("lora_alpha", 8)
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    lora = _read(adapter_dir / ADAPTER_WEIGHTS)
-    if lora is None:
+    names = _tensor_names(adapter_dir / ADAPTER_WEIGHTS)
+    if names is None:
         return None
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key in lora:
+    pairs: dict[str, tuple[str, str]] = {}
+    for key in names:
         module, sep, kind = key.removeprefix(PREFIX).rpartition(".lora_")
         if not key.startswith(PREFIX) or not sep or kind not in ("A.weight", "B.weight"):
             return None  # something besides LoRA matrices: leave it to peft
-        if module not in pairs:
-            a, b = lora.get(f"{PREFIX}{module}.lora_A.weight"), lora.get(f"{PREFIX}{module}.lora_B.weight")
-            if a is None or b is None:
-                return None
-            pairs[module] = (a, b)
+        pairs[module] = (f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight")
+    if any(a not in names or b not in names for a, b in pairs.values()):
+        return None
     return (rank, scaling, pairs) if pairs else None
 
 
@@ -82,8 +81,10 @@ def merge_plain_lora(model: nn.Module, adapter_dir: Path) -> bool:
     plain = _plain(adapter_dir)
     if plain is None:
         return False
-    rank, scaling, pairs = plain
+    rank, scaling, names = plain
     layers = dict(model.named_modules())
+    lora = _read(adapter_dir / ADAPTER_WEIGHTS)
+    pairs = {module: (lora[a], lora[b]) for module, (a, b) in names.items()}
     targets = [layers.get(module) for module in pairs]
     if any(type(layer) is not nn.Linear or layer.weight.dtype != torch.float32 for layer in targets):
         return False
@@ -99,12 +100,23 @@ def merge_plain_lora(model: nn.Module, adapter_dir: Path) -> bool:
     return True
 
 
-def _read(path: Path) -> dict[str, torch.Tensor] | None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _tensor_names(path: Path) -> set[str] | None:
+    """The tensor names in a safetensors file's header; None when there is no file."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.exists():
         return None  # peft names what is missing
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            return set(weights.keys())
+    except (SafetensorError, OSError) as exc:
+        raise damaged(path, exc) from None
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as exc:
