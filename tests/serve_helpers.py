@@ -32,7 +32,8 @@ class Server:
         if key:
             command += ["--api-key", key]
         self.log = log
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        with open(log, "w") as out:  # the child keeps its own handle on the file
+            self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -73,8 +74,12 @@ class App:
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         started = time.perf_counter()
         out = open(log, "w") if log else subprocess.DEVNULL
-        self.proc = subprocess.Popen([sys.executable, "app.py", *args, "--port", str(self.port)], cwd=ROOT, env=env,
-                                     stdout=out, stderr=subprocess.STDOUT)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "app.py", *args, "--port", str(self.port)], cwd=ROOT,
+                                         env=env, stdout=out, stderr=subprocess.STDOUT)
+        finally:
+            if log:
+                out.close()  # the child keeps its own handle on the file
         deadline = time.time() + timeout
         while True:
             try:

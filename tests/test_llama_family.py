@@ -72,6 +72,8 @@ def test_what_is_computed_differently_goes_to_transformers(tiny_model_dir):
             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 400, "rope_theta": 10000.0,
             "max_position_embeddings": 512}
     assert shape_of(base) is not None
+    assert shape_of({**base, "model_type": "mistral", "sliding_window": 4096,  # cannot bind in 512
+                     "layer_types": ["sliding_attention", "full_attention"]}) is not None
     assert shape_of({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}).rope_theta == 5e5
     refused = [
         {**base, "model_type": "gpt2"},
@@ -79,6 +81,7 @@ def test_what_is_computed_differently_goes_to_transformers(tiny_model_dir):
         {**base, "rope_scaling": {"type": "linear", "factor": 2.0}},
         {**base, "model_type": "mistral", "sliding_window": 128},  # binds inside the context
         {**base, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64},
+        {**base, "layer_types": ["full_attention", "linear_attention"]},
         {**base, "hidden_act": "gelu"},
         {**base, "quantization_config": {"quant_method": "gguf"}},
         {key: value for key, value in base.items() if key != "rope_theta"},

@@ -80,8 +80,8 @@ def shape_of(config: dict[str, Any]) -> Shape | None:
         window = window if config.get("use_sliding_window") else None
     if theta is None or (window is not None and window < context):
         return None  # scaled rope, or a window that can bind: transformers' classes
-    if any(layer != "full_attention" for layer in config.get("layer_types") or ()) and window is not None:
-        return None
+    if any(layer not in ("full_attention", "sliding_attention") for layer in config.get("layer_types") or ()):
+        return None  # a kind of layer this module has not got (a sliding one that cannot bind is a full one)
     try:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         bias = bool(config.get("attention_bias", False))
