@@ -175,6 +175,13 @@ CASES = {
                                               "--data", _file(t, "d.jsonl", b'{"messages": []}\n\xff\n'),
                                               "--steps", "1", "--max-len", "64", "--no-progress"],
                                 ("d.jsonl is not UTF-8 text", "line 2", "(--data)")),
+    "train-lr-0": Case(lambda c, t: ["train", "stage1", "--base", str(c.base), "--out", str(t / "out"),
+                                     "--data", _file(t, "d.jsonl", json.dumps(CHAT) + "\n"), "--lr", "0"],
+                       ("lr must be positive (got 0.0)", "(--lr)")),
+    "train-kl-loss-full": Case(lambda c, t: ["train", "stage1", "--base", str(c.base), "--out", str(t / "out"),
+                                             "--data", _file(t, "d.jsonl", json.dumps(CHAT) + "\n"),
+                                             "--ar-loss", "kl", "--full"],
+                               ("ar_loss 'kl' distils the frozen base", "(--ar-loss, --full)")),
     "distill-data-not-utf8": Case(_distill(data=lambda t: _file(t, "d.jsonl", b"\xef\xbb\xbf\xff\n")),
                                   ("d.jsonl is not UTF-8 text", "line 1", "(--data)")),
     "eval-ppl-sharegpt-not-utf8": Case(

@@ -34,7 +34,7 @@ def convert_to_mlx(source: str, out: str | Path, *, quantize: int | None = None,
     if out.exists() and (not out.is_dir() or any(out.iterdir())):  # checked before the slow load
         raise FluidError(f"{out} already exists and is not empty; pass a new output folder")
     if quantize is not None and quantize not in QUANT_BITS:
-        raise FluidError(f"--quantize takes 4 or 8 bits (got {quantize})")
+        raise FluidError(f"quantize takes 4 or 8 bits (got {quantize})", "quantize")
     spec = resolve_model(source)
     backend = load(spec, dtype=dtype, k_head=False)
     config = dict(backend.config)

@@ -171,8 +171,8 @@ def find_resume_dir(resume: str, out: Path) -> Path | None:
         return _checked(steps[-1])
     if folder.resolve() == out.resolve() and not holds_run(out):
         return None
-    raise FluidError(f"no training checkpoint to resume in {folder}; run without --resume or pass a "
-                     "folder written with --save-every")
+    raise FluidError(f"no training checkpoint to resume in {folder}; start afresh (no resume) or resume a "
+                     "folder written with save_every", "resume", "save_every")
 
 
 def _checked(folder: Path) -> Path:
@@ -180,9 +180,9 @@ def _checked(folder: Path) -> Path:
     anything in it is read."""
     pickled = sorted(p.name for pattern in PICKLED for p in folder.glob(pattern))
     if pickled:
-        raise FluidError(f"{folder} holds pickled training state ({', '.join(pickled)}), which --resume does not "
+        raise FluidError(f"{folder} holds pickled training state ({', '.join(pickled)}), which resuming does not "
                          "load because unpickling can run code; resume from a checkpoint written by this version "
-                         "or start again with another --out")
+                         "or start again in another output folder", "resume", "out")
     return folder
 
 

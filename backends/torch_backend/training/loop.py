@@ -78,8 +78,8 @@ def run_stage(opts: Any, train: Callable[[Any, Dist, float], dict[str, Any]]) ->
 
 def check_max_len(max_len: int, context: int) -> None:
     if max_len > context:
-        raise FluidError(f"--max-len {max_len} is longer than the model context ({context} tokens); "
-                         f"pass --max-len {context} or less")
+        raise FluidError(f"max_len {max_len} is longer than the model context ({context} tokens); "
+                         f"use {context} or less", "max_len")
 
 
 def plan_steps(opts: LoopOptions, tokenizer: Any, env: Dist, *, per_rank: int, batch_flags: str) -> Plan:

@@ -83,21 +83,23 @@ class Stage1Options:
     def validate(self) -> None:
         for name in ("k_max", "max_len", "batch_size", "grad_accum", "lora_rank"):
             if getattr(self, name) < 1:
-                raise FluidError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+                raise FluidError(f"{name} must be at least 1 (got {getattr(self, name)})", name)
         if self.lr <= 0:
-            raise FluidError(f"--lr must be positive (got {self.lr})")
+            raise FluidError(f"lr must be positive (got {self.lr})", "lr")
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise FluidError(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
+            raise FluidError(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})", "warmup_ratio")
         if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs <= 0:
-            raise FluidError("--steps must be at least 1 and --epochs positive")
+            raise FluidError(f"steps must be at least 1 and epochs positive (got {self.steps} and {self.epochs})",
+                             "steps", "epochs")
         if self.ar_weight < 0:
-            raise FluidError(f"--ar-weight must be 0 or more (got {self.ar_weight})")
+            raise FluidError(f"ar_weight must be 0 or more (got {self.ar_weight})", "ar_weight")
         if self.ar_loss not in AR_LOSSES:
-            raise FluidError(f"unknown --ar-loss {self.ar_loss!r}; use {' or '.join(AR_LOSSES)}")
+            raise FluidError(f"unknown ar_loss {self.ar_loss!r}; use {' or '.join(AR_LOSSES)}", "ar_loss")
         if self.ar_loss == "kl" and self.full:
-            raise FluidError("--ar-loss kl distils the frozen base (the LoRA adapter switched off); drop --full")
+            raise FluidError("ar_loss 'kl' distils the frozen base (the LoRA adapter switched off), which full "
+                             "fine-tuning has not got; train a LoRA adapter or use ar_loss 'ce'", "ar_loss", "full")
         if self.attention not in ("auto", "flex", "sdpa"):
-            raise FluidError(f"unknown --attention {self.attention!r}; use auto, flex or sdpa")
+            raise FluidError(f"unknown attention {self.attention!r}; use auto, flex or sdpa", "attention")
         if self.time_limit is not None and self.time_limit <= 0:
             raise FluidError(f"time_limit must be a positive number of seconds (got {self.time_limit})",
                              "time_limit")
@@ -130,7 +132,8 @@ def _check_resume(opts: Stage1Options, out: Path, global_batch: int | None = Non
     folder = ckpt.find_resume_dir(opts.resume, out) if opts.resume is not None else None
     if folder is None:
         if ckpt.holds_run(out):
-            raise FluidError(f"{out} already holds a training run; pass --resume to continue it or another --out")
+            raise FluidError(f"{out} already holds a training run; resume it or choose another output folder",
+                             "resume", "out")
         return None
     state = ckpt.read_training_state(folder)
     saved = state["options"]

@@ -64,11 +64,13 @@ class Stage2Options:
 
     def validate(self) -> None:
         if self.sigma <= 0 or self.tau <= 0:
-            raise FluidError("--tau and --sigma must be positive (authors: tau 2.8 for 7B, sigma 1.5)")
+            raise FluidError(f"tau and sigma must be positive (got {self.tau} and {self.sigma}; the authors use "
+                             "tau 2.8 for 7B, sigma 1.5)", "tau", "sigma")
         if self.batch_size < 1 or self.max_len < 1 or (self.k_max is not None and self.k_max < 1):
-            raise FluidError("--batch-size, --max-len and --k-max must be at least 1")
+            raise FluidError(f"batch_size, max_len and k_max must be at least 1 (got {self.batch_size}, "
+                             f"{self.max_len} and {self.k_max})", "batch_size", "max_len", "k_max")
         if self.steps is not None and self.steps < 1:
-            raise FluidError("--steps must be at least 1")
+            raise FluidError(f"steps must be at least 1 (got {self.steps})", "steps")
         if self.time_limit is not None and self.time_limit <= 0:
             raise FluidError(f"time_limit must be a positive number of seconds (got {self.time_limit})",
                              "time_limit")
