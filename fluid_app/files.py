@@ -63,7 +63,7 @@ def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     ``suffix`` ends the temporary name, for writers that pick a format from it (``.png``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(path)
     remove_stale_temps(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=PARTIAL + suffix)
     os.close(fd)
@@ -71,9 +71,11 @@ def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, ordinary_mode())
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        _remove_empty(created)
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -99,7 +101,7 @@ def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
     ``out`` are cleared first (:func:`remove_stale_temps`).
     """
     out = Path(out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(out)
     remove_stale_temps(out.parent, out.name)
     if not force and _occupied(out):
         raise _exists_error(out)
@@ -110,7 +112,30 @@ def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
         _move_into_place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create the folders above ``path`` that are missing; return them, deepest first, so
+    that a failed write can take away what it made (:func:`_remove_empty`)."""
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the given folders, deepest first, while they are empty (another writer may have
+    put something in one meanwhile: that one and those above it stay)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def remove_path(path: Path) -> None:

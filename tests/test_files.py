@@ -110,6 +110,24 @@ def test_atomic_folder_error_leaves_destination_unchanged(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
+def test_a_failed_write_leaves_no_folders_it_created(tmp_path):
+    """A write into folders that do not exist yet makes them; if it fails, they go too (down
+    to the first that existed before), and one that gained other content meanwhile stays."""
+    for writer in (atomic_folder, atomic_file):
+        with pytest.raises(RuntimeError):
+            with writer(tmp_path / "a" / "b" / "out"):
+                raise RuntimeError("failed")
+        assert list(tmp_path.iterdir()) == [], writer
+    with pytest.raises(RuntimeError):
+        with atomic_folder(tmp_path / "a" / "b" / "out"):
+            (tmp_path / "a" / "other.txt").write_text("another writer's")
+            raise RuntimeError("failed")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["a", "a/other.txt"]
+    with atomic_file(tmp_path / "c" / "d" / "out.txt") as tmp:  # a write that succeeds keeps them
+        tmp.write_text("x")
+    assert (tmp_path / "c" / "d" / "out.txt").read_text() == "x"
+
+
 def test_atomic_folder_refuses_occupied_destination_without_force(tmp_path):
     out = tmp_path / "export"
     out.mkdir()
