@@ -78,11 +78,26 @@ def _copy_k_head(source: Path, target: Path) -> None:
 
 def _read_tensors(source: Path) -> tuple[dict[str, str] | None, dict[str, Any]]:
     """A safetensors file's metadata and tensors, or a one-line error if it is damaged
-    (truncated, empty or garbled: safetensors checks the header against the file size)."""
+    (truncated, empty or garbled: safetensors checks the header against the file size).
+    bfloat16 tensors (an adapter trained in bfloat16) come back as float32, exactly."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(source), framework="numpy") as handle:
-            return handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+            metadata, names = handle.metadata(), list(handle.keys())
+            bfloat16 = {name for name in names if handle.get_slice(name).get_dtype() == "BF16"}
+            tensors = {name: handle.get_tensor(name) for name in names if name not in bfloat16}
+        if bfloat16:
+            tensors.update(_bfloat16_as_float32(source, bfloat16))
+        return metadata, {name: tensors[name] for name in names}
     except (SafetensorError, OSError) as exc:
         raise damaged(source, exc) from None
+
+
+def _bfloat16_as_float32(source: Path, names: set[str]) -> dict[str, Any]:
+    """numpy has no bfloat16; its bits are the upper half of the float32 of the same value."""
+    import numpy as np
+    from safetensors import deserialize
+
+    return {name: (np.frombuffer(view["data"], dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+            .reshape(view["shape"]) for name, view in deserialize(source.read_bytes()) if name in names}

@@ -180,3 +180,27 @@ def test_smollm2_export_drops_gguf_quantization_and_loads_in_mlx(smollm2, tmp_pa
     assert json.loads((out / "fluid_config.json").read_text())["mask_token_id"] is not None
     prompt_ids, torch_ids = hf_greedy(out, n=12)
     assert mlx_greedy(out, prompt_ids, n=12) == torch_ids
+
+
+def test_a_bfloat16_adapter_exports_exactly(adapter_ckpt, tmp_path):
+    """An adapter saved in bfloat16 (trained in it) exports to float32 exactly and to float16
+    as torch casts it; numpy, which the core uses, has no bfloat16."""
+    import shutil
+
+    from safetensors.numpy import load_file
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file
+
+    ckpt = shutil.copytree(adapter_ckpt, tmp_path / "bf16")
+    weights = ckpt / "adapter_model.safetensors"
+    source = {name: t.to(torch.bfloat16) for name, t in load_torch(str(weights)).items()}
+    save_file(source, str(weights), metadata={"format": "pt"})
+    for dtype, torch_dtype in (("float32", torch.float32), ("float16", torch.float16)):
+        out = tmp_path / dtype
+        result = run_cli("export", str(ckpt), str(out), "--dtype", dtype)
+        assert result.returncode == 0, result.stderr
+        shipped = load_file(str(out / "adapter_model.safetensors"))
+        assert shipped.keys() == source.keys()
+        for name, tensor in source.items():
+            assert shipped[name].dtype.name == dtype
+            assert torch.equal(torch.from_numpy(shipped[name]), tensor.to(torch_dtype)), name
