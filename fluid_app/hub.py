@@ -190,7 +190,8 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     glob), never training state or logs (:data:`NEVER_PUBLISHED`). Uploaded configs and the card
     name the base by its Hub id and hold no absolute path of this machine (see
     :func:`portable_paths`). The card is generated (peft and transformers leave a boilerplate
-    README.md in saved folders); ``keep_readme`` uploads the folder's own README.md instead.
+    README.md in saved folders); ``keep_readme`` uploads the folder's own README.md instead,
+    its paths made portable the same way (peft's card names the local base folder).
     """
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
@@ -205,7 +206,10 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     files, _ = publishable_files(folder, include)
     fluid_json = _portable_fluid_config(folder, base_model)
     own = folder / "README.md"
-    card = own.read_bytes() if keep_readme and own.exists() else model_card(folder, repo_id, base_model).encode()
+    if keep_readme and own.exists():
+        card = portable_paths(_utf8_text(own, "keep_readme"), _local_names(folder, base_model)).encode()
+    else:
+        card = model_card(folder, repo_id, base_model).encode()
     published_base = json.loads(fluid_json)["base_model"] if fluid_json is not None else None
     operations = []
     for rel in files:
@@ -234,6 +238,14 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
             raise
         raise FluidError(f"cannot reach {_endpoint()} to push {repo_id} ({_first_line(exc)}); retry") from None
     return str(getattr(info, "commit_url", url))
+
+
+def _utf8_text(path: Path, param: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FluidError(f"{path} is not UTF-8 text; save it as UTF-8 or push without keep_readme "
+                         "(a card is then written)", param) from None
 
 
 def publishable_files(folder: Path, include: Sequence[str] = ()) -> tuple[list[str], list[str]]:

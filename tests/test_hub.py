@@ -377,3 +377,11 @@ def test_published_configs_and_card_hold_no_local_paths(hub, online, tiny_model_
     assert "base_model: org/tiny-base" in card and '"data": "chats.jsonl"' in card
     # what stays on this machine is untouched
     assert json.loads((run / "fluid_config.json").read_text())["extra"]["stage1"]["data"].startswith("/home/")
+    # the folder's own card, kept on request, is uploaded with its paths made portable too
+    ok(run_cli("push", str(run), "org/portable-card", "--base-model", "org/tiny-base", "--keep-readme"))
+    card = latest_files(hub, "org/portable-card")["README.md"].decode()
+    assert card == "---\nbase_model: org/tiny-base\nlibrary_name: peft\n---\n# Model Card\n", card
+    (run / "README.md").write_bytes(b"# caf\xe9\n")  # not UTF-8: refused, not uploaded as bytes
+    fails(run_cli("push", str(run), "org/latin1-card", "--base-model", "org/tiny-base", "--keep-readme"),
+          "README.md is not UTF-8 text", "--keep-readme")
+    assert "org/latin1-card" not in hub.state.repos
