@@ -24,7 +24,8 @@ def register(subparsers) -> None:
                         help="Hub id of the base model, written into the uploaded fluid_config.json "
                              "(needed when an adapter's base is a local folder)")
     parser.add_argument("--keep-readme", action="store_true",
-                        help="upload DIR/README.md as the model card instead of generating one")
+                        help="upload DIR/README.md as the model card instead of generating one (its local paths "
+                             "made portable like the configs')")
     parser.add_argument("--include", action="append", default=[], metavar="GLOB",
                         help="also upload files of DIR matching GLOB (repeatable; e.g. 'docs/*.png'); "
                              "training checkpoints and logs are never uploaded")
