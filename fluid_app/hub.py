@@ -241,11 +241,14 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
 
 
 def _utf8_text(path: Path, param: str) -> str:
+    """A whole text file, refused in :func:`~fluid_app.data.not_utf8`'s words if it is not UTF-8."""
+    from .data import not_utf8
+
+    raw = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise FluidError(f"{path} is not UTF-8 text; save it as UTF-8 or push without keep_readme "
-                         "(a card is then written)", param) from None
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, raw.count(b"\n", 0, exc.start) + 1, exc, param) from None
 
 
 def publishable_files(folder: Path, include: Sequence[str] = ()) -> tuple[list[str], list[str]]:
