@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .errors import FluidError, first_line
+from .errors import FluidError, first_line, not_utf8
 from .layout import IGNORE_INDEX
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
@@ -128,12 +128,6 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[Any]:
         except json.JSONDecodeError as exc:
             raise FluidError(f"{path}:{number} is not valid JSON ({exc.msg}); "
                              "fix or remove that line", "data") from None
-
-
-def not_utf8(path: str | os.PathLike, line: int, exc: UnicodeDecodeError, param: str) -> FluidError:
-    """The one-line error for a text file that is not UTF-8, naming its first bad line and byte."""
-    byte = exc.object[exc.start:exc.start + 1].hex()
-    return FluidError(f"{path} is not UTF-8 text (line {line} has the byte 0x{byte}); save it as UTF-8", param)
 
 
 def check_text_file(path: Path, what: str, fix: str, param: str) -> None:

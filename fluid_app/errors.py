@@ -45,3 +45,9 @@ def first_line(exc: BaseException) -> str:
 def damaged(path: object, exc: BaseException, fix: str = "re-download or re-export the checkpoint") -> FluidError:
     """The error for a weights file that cannot be read (truncated, empty, not safetensors)."""
     return FluidError(f"{path} is damaged or incomplete ({first_line(exc)}); {fix}")
+
+
+def not_utf8(path: object, line: int, exc: UnicodeDecodeError, param: str) -> FluidError:
+    """The one-line error for a text file that is not UTF-8, naming its first bad line and byte."""
+    byte = exc.object[exc.start:exc.start + 1].hex()
+    return FluidError(f"{path} is not UTF-8 text (line {line} has the byte 0x{byte}); save it as UTF-8", param)

@@ -17,7 +17,7 @@ from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Sequence
 
-from .errors import FluidError
+from .errors import FluidError, not_utf8
 from .fluid_config import CONFIG_FILENAME, FluidConfig
 
 # What FLUID needs from a repo: HF configs/tokenizer, weights, FLUID files, the authors'
@@ -241,9 +241,7 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
 
 
 def _utf8_text(path: Path, param: str) -> str:
-    """A whole text file, refused in :func:`~fluid_app.data.not_utf8`'s words if it is not UTF-8."""
-    from .data import not_utf8
-
+    """A whole text file, refused in :func:`~fluid_app.errors.not_utf8`'s words if it is not UTF-8."""
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8")
