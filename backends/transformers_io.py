@@ -16,6 +16,8 @@ from typing import Any, Iterator
 
 from fluid_app.errors import FluidError, first_line
 
+from . import json_tokenizer
+
 
 @contextmanager
 def quiet(progress: bool = False) -> Iterator[None]:
@@ -37,21 +39,21 @@ def quiet(progress: bool = False) -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
-# tokenizer classes that are transformers' generic ``tokenizer.json`` reader itself
-GENERIC_TOKENIZERS = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
-
-
-def load_tokenizer(folder: Path, label: str = "", gguf_file: str | None = None) -> Any:
+def load_tokenizer(folder: Path, label: str = "", gguf_file: str | None = None, *, lean: bool = False) -> Any:
     """The Hugging Face tokenizer of a model folder (or of a GGUF file in it).
 
-    A folder whose ``tokenizer_config.json`` names the generic ``tokenizer.json`` reader (what
-    the GGUF conversion writes) gets that class directly: the same object ``AutoTokenizer``
-    returns, without the seconds ``AutoTokenizer`` spends importing model registries.
+    ``lean`` (loads that decode, never save): a folder :func:`.json_tokenizer.read` can take is
+    read without importing transformers. Otherwise a folder whose ``tokenizer_config.json``
+    names the generic ``tokenizer.json`` reader (what the GGUF conversion writes) gets that
+    class directly: the same object ``AutoTokenizer`` returns, without the seconds
+    ``AutoTokenizer`` spends importing model registries.
     """
+    if lean and not gguf_file and (tokenizer := json_tokenizer.read(Path(folder))) is not None:
+        return tokenizer
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     with quiet():
         try:
-            if not gguf_file and _tokenizer_class(Path(folder)) in GENERIC_TOKENIZERS:
+            if not gguf_file and _tokenizer_class(Path(folder)) in json_tokenizer.GENERIC_TOKENIZERS:
                 from transformers import PreTrainedTokenizerFast
 
                 return PreTrainedTokenizerFast.from_pretrained(str(folder))

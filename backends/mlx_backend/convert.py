@@ -36,7 +36,7 @@ def convert_to_mlx(source: str, out: str | Path, *, quantize: int | None = None,
     if quantize is not None and quantize not in QUANT_BITS:
         raise FluidError(f"quantize takes 4 or 8 bits (got {quantize})", "quantize")
     spec = resolve_model(source)
-    backend = load(spec, dtype=dtype, k_head=False)
+    backend = load(spec, dtype=dtype, k_head=False, lean_tokenizer=False)  # its tokenizer is saved
     config = dict(backend.config)
     if "quantization" in config and quantize is not None:
         raise FluidError(f"{source} is already quantized; convert an unquantized model")

@@ -105,8 +105,11 @@ class MLXBackend:
 
 
 def load(spec: ModelSpec, *, dtype: str = "auto", mask_token_id: int | None = None, k_head: bool = True,
-         device: str = "auto") -> MLXBackend:
-    """Load a model and its FLUID pieces with mlx-lm; pick the MASK token like the torch backend."""
+         device: str = "auto", lean_tokenizer: bool = True) -> MLXBackend:
+    """Load a model and its FLUID pieces with mlx-lm; pick the MASK token like the torch backend.
+
+    ``lean_tokenizer`` reads the tokenizer without transformers where it can (decoding only);
+    code that saves the tokenizer passes False."""
     _pick_device(device)
     folder = base_folder(spec)
     raw = hf_config.read_config(folder)
@@ -119,7 +122,7 @@ def load(spec: ModelSpec, *, dtype: str = "auto", mask_token_id: int | None = No
         fuse_adapter(model, folder, spec.adapter, config_dict.get("model_type"))
     if hf_config.dtype_name(dtype) != "auto":
         model.set_dtype(DTYPES[hf_config.dtype_name(dtype)])
-    tokenizer = load_tokenizer(folder, spec.label)
+    tokenizer = load_tokenizer(folder, spec.label, lean=lean_tokenizer)
     config = spec.fluid_config or FluidConfig()
     if mask_token_id is not None:
         config = config.with_overrides(mask_token_id=mask_token_id)

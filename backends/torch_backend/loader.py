@@ -155,7 +155,9 @@ def load_pretrained(spec: ModelSpec, *, own_forward: bool = False, **model_kwarg
 
     ``own_forward`` (inference loads) builds a Llama-family model with
     :mod:`.llama_family`, which computes transformers' outputs without importing its model
-    code; other architectures, and every load for training or export, use transformers.
+    code, and reads the tokenizer without transformers where it can (see
+    :mod:`..json_tokenizer`); other architectures, and every load for training or export,
+    use transformers.
 
     A damaged weights file (a cut download, an empty or garbled copy) is named, with the
     fix: safetensors' own error says what is wrong but not in which file.
@@ -170,22 +172,22 @@ def load_pretrained(spec: ModelSpec, *, own_forward: bool = False, **model_kwarg
             return True
 
     folder = base_folder(spec)  # a GGUF base: its converted copy, made once
-    tokenizer = load_tokenizer(folder, str(spec.base))
-    with quiet():
-        try:
-            model = load_llama_family(folder, model_kwargs.get("dtype", torch.float32)) if own_forward else None
-            if model is None:
-                from transformers import AutoModelForCausalLM
+    tokenizer = load_tokenizer(folder, str(spec.base), lean=own_forward)
+    try:
+        model = load_llama_family(folder, model_kwargs.get("dtype", torch.float32)) if own_forward else None
+        if model is None:
+            from transformers import AutoModelForCausalLM
 
+            with quiet():
                 model = AutoModelForCausalLM.from_pretrained(str(folder), **model_kwargs)
-        except SafetensorError as exc:
-            files = sorted(folder.glob("model*.safetensors"))
-            where = next((path for path in files if unreadable(str(path))), folder)
-            fix = (f"delete {folder} to convert {spec.base.name} again" if folder != spec.base
-                   else "re-download the model or re-export the checkpoint")
-            raise damaged(where, exc, fix) from None
-        except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
-            raise FluidError(f"cannot load a causal LM from {spec.base}: {first_line(exc)}", "model") from None
+    except SafetensorError as exc:
+        files = sorted(folder.glob("model*.safetensors"))
+        where = next((path for path in files if unreadable(str(path))), folder)
+        fix = (f"delete {folder} to convert {spec.base.name} again" if folder != spec.base
+               else "re-download the model or re-export the checkpoint")
+        raise damaged(where, exc, fix) from None
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
+        raise FluidError(f"cannot load a causal LM from {spec.base}: {first_line(exc)}", "model") from None
     return tokenizer, model
 
 
