@@ -135,7 +135,7 @@ class JsonTokenizer:
         return self(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def decode(self, token_ids: int | Sequence[int], skip_special_tokens: bool = False) -> str:
-        ids = [int(token_ids)] if isinstance(token_ids, int) else [int(i) for i in token_ids]
+        ids = [int(i) for i in token_ids] if hasattr(token_ids, "__iter__") else [int(token_ids)]
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def add_special_tokens(self, tokens: dict[str, Sequence[str]]) -> int:
@@ -151,11 +151,13 @@ class JsonTokenizer:
             [AddedToken(t, rstrip=False, lstrip=False, normalized=False, special=True) for t in new])
 
     def apply_chat_template(self, conversation: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                            tokenize: bool = True) -> str | list[int]:
+                            tokenize: bool = True) -> str | dict[str, list]:
+        """The rendered text (``tokenize=False``), else its encoding without added special tokens
+        (a dict with ``input_ids``, as transformers 5 returns by default)."""
         if not self.chat_template:
             raise ValueError("the tokenizer has no chat template")
         if not conversation:
             raise ValueError("cannot apply a chat template to an empty conversation")
         text = chat_template.render(self.chat_template, conversation, add_generation_prompt=add_generation_prompt,
                                     special_tokens=self.special_tokens_map)
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        return self(text, add_special_tokens=False) if tokenize else text

@@ -105,6 +105,7 @@ def test_decoding_equals_transformers(pair):
     for token in range(len(hf)):
         assert lean.decode([token]) == hf.decode([token]), token
         assert lean.decode(token, skip_special_tokens=True) == hf.decode(token, skip_special_tokens=True), token
+    assert lean.decode(np.arange(50)) == hf.decode(np.arange(50)) and lean.decode(np.int64(7)) == hf.decode(7)
     rng = np.random.default_rng(0)
     specials = sorted(hf.added_tokens_decoder)
     runs = [hf(text)["input_ids"] for text in _texts()]
@@ -166,8 +167,9 @@ def test_chat_templates_render_as_in_transformers(pair, template):
                 if isinstance(template, int):  # a sandbox escape is refused by both
                     assert outcomes[0][0] == "SecurityError", outcomes
         if template in ("own", "feature"):
-            assert lean.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=True) == \
-                hf.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=True, return_dict=False)
+            ours = lean.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=True)
+            theirs = hf.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=True)
+            assert (ours["input_ids"], ours["attention_mask"]) == (theirs["input_ids"], theirs["attention_mask"])
     finally:
         lean.chat_template = hf.chat_template = AutoTokenizer.from_pretrained(lean.name_or_path).chat_template
 
