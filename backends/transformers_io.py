@@ -1,8 +1,10 @@
 """Loading through transformers, shared by both backends.
 
-The torch backend loads tokenizer and weights with transformers; the MLX backend loads
-weights with mlx-lm but the tokenizer (what the core calls) with transformers too, and a
-GGUF base is converted once through transformers' GGUF reader. One quiet loader serves all.
+Both backends load the tokenizer (what the core calls) here: a decoding load reads a plain
+``tokenizer.json`` folder without transformers (:mod:`.json_tokenizer`), every other load
+through transformers. The torch backend's weights come through transformers unless its own
+Llama-family forward takes them, MLX's through mlx-lm, and a GGUF base is converted once
+through transformers' GGUF reader. One quiet loader serves all.
 """
 
 from __future__ import annotations
