@@ -37,7 +37,7 @@ LARGEST_VOCABULARY = 100_000
 def read(folder: Path) -> JsonTokenizer | None:
     """The tokenizer of ``folder`` if it can be read without transformers, else None."""
     folder = Path(folder)
-    config = _json(folder / "tokenizer_config.json")
+    config = read_config(folder)
     if (config is None or config.get("tokenizer_class") not in GENERIC_TOKENIZERS or set(config) - KNOWN_KEYS
             or config.get("clean_up_tokenization_spaces") or (folder / "additional_chat_templates").exists()):
         return None
@@ -66,9 +66,10 @@ def read(folder: Path) -> JsonTokenizer | None:
     return JsonTokenizer(tokenizer, named, extra, template, str(folder))
 
 
-def _json(path: Path) -> dict[str, Any] | None:
+def read_config(folder: Path) -> dict[str, Any] | None:
+    """``folder/tokenizer_config.json`` as a dict, or None when it is missing or not a JSON object."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads((Path(folder) / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None

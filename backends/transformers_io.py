@@ -9,7 +9,6 @@ through transformers' GGUF reader. One quiet loader serves all.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from contextlib import contextmanager
@@ -68,10 +67,7 @@ def load_tokenizer(folder: Path, label: str = "", gguf_file: str | None = None, 
 
 def _tokenizer_class(folder: Path) -> str | None:
     """The ``tokenizer_class`` named in ``folder/tokenizer_config.json``, when it has a ``tokenizer.json``."""
-    try:
-        if not (folder / "tokenizer.json").is_file():
-            return None
-        value = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
-    except (OSError, ValueError, AttributeError):
+    if not (folder / "tokenizer.json").is_file():
         return None
+    value = (json_tokenizer.read_config(folder) or {}).get("tokenizer_class")
     return value if isinstance(value, str) else None
