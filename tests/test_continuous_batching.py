@@ -87,6 +87,8 @@ def torch_cache_fits(batch: FusedBatch) -> None:
     keys = session.cache.layers[0].keys
     assert keys.shape[0] == len(batch.lanes) == len(session.lengths)
     assert keys.shape[2] == session.valid.shape[1] and bool(session.valid.any(dim=0).all())
+    spare = getattr(session.cache.layers[0], "spare", None)  # the own forward's buffers hold live rows only
+    assert spare is None or spare[0].shape[0] == spare[1].shape[0] == len(batch.lanes)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])

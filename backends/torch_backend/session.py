@@ -82,6 +82,7 @@ class TorchSession:
         for mine, theirs in zip(self.cache.layers, new.cache.layers):
             mine.keys = torch.cat([_pad(mine.keys, width), _pad(theirs.keys, width)], dim=0)
             mine.values = torch.cat([_pad(mine.values, width), _pad(theirs.values, width)], dim=0)
+        _released(self.cache)
         self.valid = torch.cat([_pad(self.valid, width, dim=1), _pad(new.valid, width, dim=1)], dim=0)
         self.lengths = torch.cat([self.lengths, new.lengths])
         return new.first
@@ -98,6 +99,7 @@ class TorchSession:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, rows_d).index_select(2, columns_d)
             layer.values = layer.values.index_select(0, rows_d).index_select(2, columns_d)
+        _released(self.cache)
 
     def commit(self, keep: Sequence[int]) -> None:
         keep_t = torch.as_tensor(list(keep), dtype=torch.long)
@@ -133,6 +135,7 @@ class TorchSession:
             for layer in self.cache.layers:
                 layer.keys = layer.keys.index_select(2, columns_d)
                 layer.values = layer.values.index_select(2, columns_d)
+            _released(self.cache)
             self.valid = kept[:, columns]
         self.lengths = target
 
@@ -151,6 +154,13 @@ class TorchSession:
         out = self._run(ids, positions, valid, last=torch.tensor(counts) - 1)
         self.commit(counts)
         return out
+
+
+def _released(cache) -> None:
+    """The session has put tensors of its own in ``cache``'s layers: the own forward's cache
+    lets go of the buffers it grew them in (:meth:`.llama_family.KVCache.release`)."""
+    if hasattr(cache, "release"):
+        cache.release()
 
 
 def _pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
