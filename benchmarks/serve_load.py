@@ -7,6 +7,11 @@ done, until every prompt has been answered once at that level. Aggregate tokens/
 completion tokens over the wall time of the level. Prints one table and the ratios
 (8 clients over 1, fluid over ar at every level). A warm-up request runs before timing.
 
+The modes take turns at each level, and with ``--rounds`` above 1 the order alternates
+(fluid, ar, then ar, fluid, ...), so a machine that speeds up or slows down during the run
+(a shared VM does, by 10-20%) biases neither; the table pools each level's rounds (all
+their tokens over all their seconds), the JSON also has every round.
+
     python benchmarks/serve_load.py --model default --max-tokens 128
 """
 
@@ -69,6 +74,14 @@ def level(server: Server, model_id: str, prompts: list[str], clients: int, mode:
             "fed_per_forward": (after["tokens_fed"] - before["tokens_fed"]) / batch_forwards if batch_forwards else 0.0}
 
 
+def _pooled(found: list[dict[str, float]]) -> dict[str, float]:
+    """The rounds of one level as one: all their tokens over all their seconds (the other
+    columns averaged), so alternating orders cancel a steady drift of the machine's speed."""
+    tokens, seconds = sum(r["tokens"] for r in found), sum(r["seconds"] for r in found)
+    mean = {key: sum(r[key] for r in found) / len(found) for key in ("tpf", "rows_per_forward", "fed_per_forward")}
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, **mean}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default",
@@ -84,6 +97,8 @@ def main() -> int:
     parser.add_argument("--modes", default="fluid,ar", help="comma-separated decode modes (default: fluid,ar)")
     parser.add_argument("--forward-token-budget", type=int, default=None, metavar="N",
                         help="the server's --forward-token-budget (default: the server's own)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every level this many times, the modes' order alternating (default: 1)")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     parser.add_argument("--log", default=str(ROOT / "runs" / "serve_load.log"),
                         help="the server's log (default: runs/serve_load.log in the repository)")
@@ -101,15 +116,20 @@ def main() -> int:
                     "--max-batch", str(max(levels)), "--max-queue", str(max(levels)),
                     *(["--forward-token-budget", str(args.forward_token_budget)]
                       if args.forward_token_budget is not None else []), log=log)
-    rows: dict[tuple[str, int], dict[str, float]] = {}
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {(m, c): [] for m in modes for c in levels}
     try:
         level(server, model_id, prompts[:1], 1, modes[0], 8)  # warm-up
-        for mode in modes:
+        for round_ in range(args.rounds):
             for clients in levels:
-                rows[mode, clients] = level(server, model_id, prompts, clients, mode, args.max_tokens)
-                print(f"  {mode} x{clients}: {rows[mode, clients]['tokens_per_s']:.2f} tok/s", file=sys.stderr)
+                for mode in modes if round_ % 2 == 0 else modes[::-1]:
+                    runs[mode, clients].append(level(server, model_id, prompts, clients, mode, args.max_tokens))
+                    print(f"  round {round_ + 1}: {mode} x{clients}: "
+                          f"{runs[mode, clients][-1]['tokens_per_s']:.2f} tok/s", file=sys.stderr)
     finally:
         server.stop()
+    rows = {key: _pooled(found) for key, found in runs.items()}
     print(f"{'mode':<6} {'clients':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'TPF':>6} {'rows/fwd':>8} "
           f"{'fed/fwd':>7}")
     for (mode, clients), r in rows.items():
@@ -127,7 +147,7 @@ def main() -> int:
     if args.json:
         from fluid_app.files import write_json_atomic  # the package's one file writer
 
-        write_json_atomic(args.json, {f"{m}x{c}": r for (m, c), r in rows.items()})
+        write_json_atomic(args.json, {f"{m}x{c}": {**r, "rounds": runs[m, c]} for (m, c), r in rows.items()})
     return 0
 
 

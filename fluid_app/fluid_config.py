@@ -22,7 +22,7 @@ from .files import write_json_atomic
 CONFIG_FILENAME = "fluid_config.json"
 # Conversations whose KV cache a loaded model keeps between turns (fluid_app/prompt_cache.py):
 # a few, so a handful of chats stay warm while memory stays bounded (~46 KB per token each
-# for SmolLM2-135M in float32).
+# for SmolLM2-135M in float32, up to half again while the torch cache has room to grow).
 PROMPT_CACHE_SLOTS = 4
 # Token positions one batched forward of ``fluid serve`` may compute (fluid_app/batching.py):
 # rows x the widest window, since the backends pad every row to the widest. On a 2-core CPU a
