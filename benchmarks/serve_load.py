@@ -103,6 +103,8 @@ def main() -> int:
     parser.add_argument("--log", default=str(ROOT / "runs" / "serve_load.log"),
                         help="the server's log (default: runs/serve_load.log in the repository)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     prompts = load_prompts(Path(args.prompts), args.limit)
     levels = [int(c) for c in args.clients.split(",")]
     modes = args.modes.split(",")
@@ -116,8 +118,6 @@ def main() -> int:
                     "--max-batch", str(max(levels)), "--max-queue", str(max(levels)),
                     *(["--forward-token-budget", str(args.forward_token_budget)]
                       if args.forward_token_budget is not None else []), log=log)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
     runs: dict[tuple[str, int], list[dict[str, float]]] = {(m, c): [] for m in modes for c in levels}
     try:
         level(server, model_id, prompts[:1], 1, modes[0], 8)  # warm-up

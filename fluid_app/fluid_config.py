@@ -25,8 +25,9 @@ CONFIG_FILENAME = "fluid_config.json"
 # for SmolLM2-135M in float32, up to half again while the torch cache has room to grow).
 PROMPT_CACHE_SLOTS = 4
 # Token positions one batched forward of ``fluid serve`` may compute (fluid_app/batching.py):
-# rows x the widest window, since the backends pad every row to the widest. On a 2-core CPU a
-# 16-token forward costs about 1.4x a 1-token one and wider ones grow about linearly, so past
+# rows x the widest window, since the backends pad every row to the widest. On a 2-core CPU,
+# with 8 rows decoding the default, a forward of 2 tokens a row costs about 1.2x one of 1 and
+# wider ones grow about linearly; budgets of 24 and 32 decoded 8 rows slower than 16, so past
 # this, speculation costs more than it saves: with many rows decoding, drafts are cut (each
 # row still feeds its exact token). A lone row always keeps its whole window.
 FORWARD_TOKEN_BUDGET = 16
