@@ -42,6 +42,11 @@ class FluidConfig:
     k_max: int = 16
     threshold: float = 0.9
     prompt_lookup_num_tokens: int = 0  # 0: drafts come from masks only (see fluid_app/lookup.py)
+    # k_min when sampling (temperature > 0) and the caller names no k_min; None: k_min. Sampled
+    # drafts are accepted less often than greedy ones (a draft is kept with probability
+    # min(1, p/q), not when it equals the argmax), so slots far into a block rarely pay for
+    # the positions they add to each forward, and a shorter smallest block decodes faster.
+    sampling_k_min: int | None = None
     tau: float = 2.8
     sigma: float = 1.5
     anchor_rate: float = 0.5
@@ -53,6 +58,9 @@ class FluidConfig:
     def validate(self, vocab_size: int | None = None) -> FluidConfig:
         """Raise a one-line :class:`FluidError` for settings that cannot work."""
         check_decoding(self.k_min, self.k_max, self.threshold, self.prompt_lookup_num_tokens)
+        if self.sampling_k_min is not None and not 1 <= self.sampling_k_min <= self.k_max:
+            raise FluidError(f"sampling_k_min must be from 1 to k_max ({self.k_max}) (got {self.sampling_k_min}); "
+                             "or null to sample with k_min", "sampling_k_min")
         for name in ("anchor_rate", "noise_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise FluidError(f"{name} is a probability (got {getattr(self, name)}); use a value in [0, 1]", name)
@@ -115,7 +123,8 @@ class FluidConfig:
 # What each field may hold in fluid_config.json (None: also null).
 _TYPES: dict[str, tuple[str, bool]] = {
     "mask_token_id": ("int", True), "k_min": ("int", False), "k_max": ("int", False),
-    "threshold": ("float", False), "prompt_lookup_num_tokens": ("int", False), "tau": ("float", False),
+    "threshold": ("float", False), "prompt_lookup_num_tokens": ("int", False), "sampling_k_min": ("int", True),
+    "tau": ("float", False),
     "sigma": ("float", False), "anchor_rate": ("float", False), "noise_rate": ("float", False),
     "restore": ("bool", False), "base_model": ("str", True),
 }

@@ -385,8 +385,9 @@ def model_card(folder: Path, repo_id: str, base_model: str | None = None) -> str
                     "Greedy FLUID output equals greedy autoregressive output of this model.", "",
                     f"- Base model: `{base or 'self-contained'}`",
                     f"- Weights: {kind}",
-                    f"- MASK token id: {config.mask_token_id}; horizons k_min={config.k_min}, "
-                    f"k_max={config.k_max}; threshold {config.threshold}",
+                    f"- MASK token id: {config.mask_token_id}; horizons k_min={config.k_min}"
+                    + ("" if config.sampling_k_min is None else f" ({config.sampling_k_min} when sampling)")
+                    + f", k_max={config.k_max}; threshold {config.threshold}",
                     f"- K-head: {'yes' if (folder / 'k_head.safetensors').exists() else 'no'}",
                     f"- License: {license_} (the base model's)", ""]
     recipe = {k: v for k, v in config.extra.items() if k not in ("original_base_model",)}

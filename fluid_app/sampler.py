@@ -21,7 +21,7 @@ least one token, so ``fluid`` is never slower than AR in forwards.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Generator, Iterator, Sequence
 
 import numpy as np
@@ -63,7 +63,10 @@ class DecodeSettings:
 
     @classmethod
     def from_config(cls, config: FluidConfig | None = None, **overrides: Any) -> DecodeSettings:
-        """Validated settings: ``config``'s decoding values, then every override that is not None."""
+        """Validated settings: ``config``'s decoding values, then every override that is not None.
+
+        A sampled decode that names no ``k_min`` takes the config's ``sampling_k_min`` when it
+        has one: the checkpoint's smallest block for sampling, chosen apart from the greedy one."""
         config = config or FluidConfig()
         unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
@@ -72,7 +75,12 @@ class DecodeSettings:
         values = {"k_min": config.k_min, "k_max": config.k_max, "threshold": config.threshold,
                   "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values).validate()
+        settings = cls(**values)
+        if overrides.get("k_min") is None and config.sampling_k_min is not None:
+            check_sampling(settings.temperature, settings.top_k, settings.top_p)  # before reading .sampling
+            if settings.sampling is not None:
+                settings = replace(settings, k_min=config.sampling_k_min)
+        return settings.validate()
 
     def validate(self) -> DecodeSettings:
         if self.mode not in MODES:

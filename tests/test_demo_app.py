@@ -308,3 +308,16 @@ def test_default_smollm2_streams_its_greedy_answer(smollm2):
     expected = smollm2.generate("What is the capital of France?", chat=True, max_new_tokens=40, k_min=4, k_max=16)
     assert out[2] == expected.text and "Paris" in out[2]
     assert out[5]["token_ids"] == expected.token_ids
+
+
+def test_the_k_min_slider_follows_the_checkpoints_default_when_the_temperature_crosses_zero():
+    """The Temperature slider's input handler: a k_min still at the greedy default becomes the
+    checkpoint's sampling_k_min above 0 and goes back at 0; a value the visitor chose stays."""
+    from fluid_app.ui.app import DemoApp
+    from fluid_app.ui.runner import ModelCache
+
+    app = DemoApp(ModelCache(), "default", "torch", defaults={"k_min": 5, "k_max": 8, "sampling_k_min": 3})
+    assert [app.k_min_for(t, k) for t, k in ((0.8, 5), (0.0, 3), (0.8, 7), (0.0, 7), (0.0, 5), (0.8, 3))] \
+        == [3, 5, 7, 7, 5, 3]
+    plain = DemoApp(ModelCache(), "default", "torch", defaults={"k_min": 5, "k_max": 8})
+    assert [plain.k_min_for(t, 5) for t in (0.8, 0.0)] == [5, 5]

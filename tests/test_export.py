@@ -85,7 +85,7 @@ def test_adapter_export_ships_the_small_files_with_new_decoding_defaults(adapter
     (adapter_ckpt / "optimizer.pt").write_bytes(b"training state")  # must not be shipped
     out = tmp_path / "shipped"
     result = run_cli("export", str(adapter_ckpt), str(out), "--dtype", "float16", "--k-min", "3",
-                     "--threshold", "0.7", "--prompt-lookup-num-tokens", "5")
+                     "--threshold", "0.7", "--prompt-lookup-num-tokens", "5", "--sampling-k-min", "2")
     assert result.returncode == 0, result.stderr
     assert {p.name for p in out.iterdir()} == {"fluid_config.json", "adapter_config.json",
                                                "adapter_model.safetensors", "k_head.safetensors"}
@@ -100,6 +100,7 @@ def test_adapter_export_ships_the_small_files_with_new_decoding_defaults(adapter
     config = json.loads((out / "fluid_config.json").read_text())
     original = json.loads((adapter_ckpt / "fluid_config.json").read_text())
     assert (config["k_min"], config["threshold"], config["prompt_lookup_num_tokens"]) == (3, 0.7, 5)
+    assert config["sampling_k_min"] == 2
     assert config["base_model"] == original["base_model"] and config["k_max"] == original["k_max"]
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == original["base_model"]  # not the training machine's path
@@ -117,6 +118,8 @@ def test_export_refuses_bad_input(adapter_ckpt, tiny_model_dir, tmp_path):
     assert result.returncode == 2 and "drop --merge" in result.stderr
     result = run_cli("export", str(adapter_ckpt), str(tmp_path / "o"), "--threshold", "2")
     assert result.returncode == 2 and "threshold" in result.stderr
+    result = run_cli("export", str(adapter_ckpt), str(tmp_path / "o"), "--sampling-k-min", "99")
+    assert result.returncode == 2 and "sampling_k_min must be from 1 to k_max" in result.stderr
     assert not (tmp_path / "o").exists()
     result = run_cli("export", str(tiny_model_dir("llama")), str(tmp_path / "o"), "--merge")
     assert result.returncode == 2 and "not a FLUID checkpoint" in result.stderr

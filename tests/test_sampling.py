@@ -146,6 +146,25 @@ def test_temperature_zero_is_the_greedy_path():
     assert DecodeSettings(do_sample=True).sampling.temperature == 1.0  # HF's default temperature
 
 
+def test_a_sampled_decode_takes_the_checkpoints_sampling_k_min_unless_k_min_is_named():
+    from fluid_app.fluid_config import FluidConfig
+
+    config = FluidConfig(k_min=5, k_max=8, sampling_k_min=3)
+    k_min = {name: DecodeSettings.from_config(config, **options).k_min for name, options in {
+        "greedy": {}, "temperature 0": dict(temperature=0.0), "sampled": dict(temperature=0.7, top_p=0.95),
+        "do_sample": dict(do_sample=True), "do_sample off": dict(do_sample=False, temperature=0.7),
+        "named": dict(temperature=0.7, k_min=6), "named 5": dict(temperature=0.7, k_min=5)}.items()}
+    assert k_min == {"greedy": 5, "temperature 0": 5, "sampled": 3, "do_sample": 3, "do_sample off": 5,
+                     "named": 6, "named 5": 5}
+    assert DecodeSettings.from_config(FluidConfig(k_min=5, k_max=8), temperature=0.7).k_min == 5  # unset: k_min
+    assert DecodeSettings.from_config(config, temperature=0.7, k_max=3).k_max == 3  # 3 <= 3: no conflict
+    with pytest.raises(FluidError, match="temperature"):  # a bad temperature is still refused, not read
+        DecodeSettings.from_config(config, temperature=float("nan"))
+    for bad in (0, 9):
+        with pytest.raises(FluidError, match=r"sampling_k_min must be from 1 to k_max \(8\)"):
+            FluidConfig(k_min=5, k_max=8, sampling_k_min=bad).validate()
+
+
 @pytest.mark.parametrize("options, needle", [
     (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(temperature=0.5, top_p=0.0), "top_p"), (dict(temperature=0.5, top_p=1.5), "top_p"),

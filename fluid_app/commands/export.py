@@ -10,6 +10,8 @@ import sys
 from ..errors import FluidError
 from ..model_refs import resolve_model
 
+DECODING_DEFAULTS = ("k_min", "k_max", "threshold", "prompt_lookup_num_tokens", "sampling_k_min")
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -26,13 +28,14 @@ def register(subparsers) -> None:
     parser.add_argument("--threshold", type=float, default=None, help="decoding default to record (adapter export)")
     parser.add_argument("--prompt-lookup-num-tokens", type=int, default=None,
                         help="decoding default to record (adapter export)")
+    parser.add_argument("--sampling-k-min", type=int, default=None,
+                        help="decoding default to record (adapter export): k_min when sampling")
     parser.add_argument("--force", action="store_true", help="replace OUT if it already exists")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {name: getattr(args, name) for name in ("k_min", "k_max", "threshold", "prompt_lookup_num_tokens")
-                 if getattr(args, name) is not None}
+    overrides = {name: getattr(args, name) for name in DECODING_DEFAULTS if getattr(args, name) is not None}
     spec = resolve_model(args.source)
     if not args.merge:
         from ..adapter_export import export_adapter
@@ -40,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
         print(export_adapter(spec, args.out, dtype=args.dtype, force=args.force, overrides=overrides))
         return 0
     if overrides:
-        raise FluidError("--k-min/--k-max/--threshold/--prompt-lookup-num-tokens apply to an adapter export; "
-                         "drop --merge or those flags")
+        flags = "/".join("--" + name.replace("_", "-") for name in DECODING_DEFAULTS)
+        raise FluidError(f"{flags} apply to an adapter export; drop --merge or those flags")
     from backends import export_merged
 
     print(f"merging {spec.label} into {args.out} ...", file=sys.stderr)

@@ -153,7 +153,7 @@ class DemoApp:
         self.default_backend = default_backend
         config = FluidConfig()
         self.defaults = {"threshold": config.threshold, "k_min": config.k_min, "k_max": config.k_max,
-                         **(defaults or {})}
+                         "sampling_k_min": config.sampling_k_min, **(defaults or {})}
         self.concurrency = concurrency
         self.activity = Activity()
 
@@ -234,6 +234,19 @@ class DemoApp:
                run.generation.text, plot_data(view.points), stats_text(view, run.busy), result,
                gr.Slider(minimum=0, maximum=max(frames - 1, 1), value=frames - 1, step=1, interactive=True),
                replay)
+
+    def k_min_for(self, temperature: float, k_min: float) -> float:
+        """The k_min slider's value after the Temperature slider moved: when the temperature
+        crosses 0, a slider still at the checkpoint's default for one kind of decoding moves to
+        its default for the other (``sampling_k_min``, see FluidConfig); a value the visitor
+        chose stays."""
+        greedy = self.defaults["k_min"]
+        sampled = self.defaults.get("sampling_k_min") or greedy
+        if temperature and temperature > 0 and k_min == greedy:
+            return sampled
+        if not temperature and k_min == sampled:
+            return greedy
+        return k_min
 
     def replay(self, index: float, replay: dict | None) -> tuple:
         """Redraw a finished decode as it was at frame ``index``."""
@@ -494,6 +507,8 @@ class DemoApp:
                                 temperature, top_p, top_k, seed],
                 [status, live, text, plot, stats, result, replay_at, replay_state], api_name="generate",
                 concurrency_id="decode", concurrency_limit=self.concurrency, show_progress="hidden")
+            temperature.input(self.k_min_for, [temperature, k_min], k_min, api_name=False, queue=False,
+                              show_progress="hidden")
             replay_at.input(self.replay, [replay_at, replay_state], [live, text, plot], api_name=False,
                             show_progress="hidden")
             race_event = race_go.click(
@@ -555,7 +570,7 @@ def launch(model: str = "default", backend: str = "auto", host: str = "127.0.0.1
         loaded, _ = cache.get(model, backend)
         warm_up(loaded)
         c = loaded.config
-        defaults = {"threshold": c.threshold, "k_min": c.k_min, "k_max": c.k_max}
+        defaults = {"threshold": c.threshold, "k_min": c.k_min, "k_max": c.k_max, "sampling_k_min": c.sampling_k_min}
     demo = DemoApp(cache, model, backend, defaults, concurrency, models=models).build()
     _, url, share_url = demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
                                     theme=theme(), css=PAGE_CSS, ssr_mode=False, quiet=False, show_error=False,

@@ -61,7 +61,7 @@ RESULT_FILE_LIMIT = 15 * MIB  # a file coming back may be 16 MiB
 TOY_ARCH = "llama"
 # Decoding defaults recorded at export: the embedded default's (README.md here, step 4).
 EXPORT_FLAGS = ["--dtype", "float16", "--k-min", "5", "--k-max", "8", "--threshold", "0.9",
-                "--prompt-lookup-num-tokens", "7"]
+                "--prompt-lookup-num-tokens", "7", "--sampling-k-min", "3"]
 REQUIRED = {  # module -> why; checked before anything else is imported
     "numpy": "tensors", "torch": "everything", "transformers": "the model", "safetensors": "checkpoints",
     "tokenizers": "the tokenizer", "jinja2": "the chat template", "tqdm": "progress", "yaml": "gguf's reader",
