@@ -14,6 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .draft_store import FILENAME as DRAFT_STORE_FILENAME
+from .draft_store import load_draft_store, save_draft_store
 from .errors import FluidError, damaged
 from .files import atomic_folder, write_json_atomic
 from .fluid_config import CONFIG_FILENAME, FluidConfig
@@ -23,8 +27,10 @@ DTYPES = ("float32", "float16")
 
 
 def export_adapter(spec: ModelSpec, out: str | Path, *, dtype: str = "float32", force: bool = False,
-                   overrides: dict[str, Any] | None = None) -> Path:
-    """Write ``spec``'s FLUID files to ``out`` (atomically); return ``out``."""
+                   overrides: dict[str, Any] | None = None, draft_store: np.ndarray | None = None) -> Path:
+    """Write ``spec``'s FLUID files to ``out`` (atomically); return ``out``. ``draft_store``
+    (:func:`~fluid_app.draft_store.replies_array`) replaces the checkpoint's own store, which
+    is otherwise copied once it has been read whole."""
     if spec.fluid is None:
         raise FluidError(f"{spec.label} is not a FLUID checkpoint (no {CONFIG_FILENAME}); nothing to export")
     if dtype not in DTYPES:
@@ -40,6 +46,11 @@ def export_adapter(spec: ModelSpec, out: str | Path, *, dtype: str = "float32", 
             _copy_tensors(spec.adapter / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS, dtype)
         if spec.k_head_file is not None:
             _copy_k_head(spec.k_head_file, tmp / K_HEAD_FILENAME)
+        if draft_store is not None:
+            save_draft_store(draft_store, tmp / DRAFT_STORE_FILENAME)
+        elif spec.draft_store_file is not None:
+            load_draft_store(spec.draft_store_file)  # a damaged store is refused, not shipped
+            shutil.copyfile(spec.draft_store_file, tmp / DRAFT_STORE_FILENAME)
         config.save(tmp)
     return Path(out).expanduser().resolve()
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
+from .draft_store import load_draft_store
 from .errors import FluidError
 from .events import Event
 from .model_refs import ModelSpec, resolve_model
@@ -108,6 +109,8 @@ class FluidModel:
         self.spec = spec
         self.config = backend.fluid_config
         self.prompt_cache = PromptCache(backend)
+        store = spec.draft_store_file
+        self.draft_store = load_draft_store(store, backend.vocab_size) if store is not None else None
 
     @property
     def tokenizer(self) -> Any:
@@ -151,7 +154,7 @@ class FluidModel:
         earlier decode it extends, and leaves its own there for the next."""
         batch, single = prompt_batch(prompts)
         decoder = Decoder(self.backend, [self.encode(p, chat) for p in batch], self.settings(**options),
-                          prompt_cache=prompt_cache)
+                          prompt_cache=prompt_cache, draft_store=self.draft_store)
         started = time.perf_counter()
         results = decoder.run()
         elapsed = time.perf_counter() - started
@@ -167,7 +170,7 @@ class FluidModel:
         if not single:
             raise FluidError("stream takes one prompt; pass a text or a list of token ids", "prompt")
         decoder = Decoder(self.backend, [self.encode(batch[0], chat)], self.settings(**options),
-                          prompt_cache=prompt_cache)
+                          prompt_cache=prompt_cache, draft_store=self.draft_store)
         yield from decoder.events()
         yield self._generation(decoder.results[0], decoder.settings.mode, None)
 

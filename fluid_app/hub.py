@@ -17,6 +17,7 @@ from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Sequence
 
+from .draft_store import FILENAME as DRAFT_STORE_FILENAME
 from .errors import FluidError, not_utf8
 from .fluid_config import CONFIG_FILENAME, FluidConfig
 
@@ -24,6 +25,7 @@ from .fluid_config import CONFIG_FILENAME, FluidConfig
 # K-head, the model card. Nothing else is downloaded (no .bin duplicates, .gguf variants, ...).
 ALLOW_PATTERNS = [
     "*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md", "model_head.bin",
+    DRAFT_STORE_FILENAME,
 ]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -159,7 +161,7 @@ def has_fluid_files(folder: Path) -> bool:
 # state and logs (checkpoints/step-*/optimizer.*, rng-rank*, train_log.jsonl, ...): those are
 # the training machine's business, large, and may hold pickles, so they are never uploaded.
 PUBLISHED = (
-    CONFIG_FILENAME, "k_head.safetensors", "adapter_config.json", "adapter_model.safetensors",
+    CONFIG_FILENAME, "k_head.safetensors", DRAFT_STORE_FILENAME, "adapter_config.json", "adapter_model.safetensors",
     "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
     "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
     "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -389,6 +391,7 @@ def model_card(folder: Path, repo_id: str, base_model: str | None = None) -> str
                     + ("" if config.sampling_k_min is None else f" ({config.sampling_k_min} when sampling)")
                     + f", k_max={config.k_max}; threshold {config.threshold}",
                     f"- K-head: {'yes' if (folder / 'k_head.safetensors').exists() else 'no'}",
+                    f"- Draft store: {'yes' if (folder / DRAFT_STORE_FILENAME).exists() else 'no'}",
                     f"- License: {license_} (the base model's)", ""]
     recipe = {k: v for k, v in config.extra.items() if k not in ("original_base_model",)}
     if recipe:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .conversion_cache import file_sha256
+from .draft_store import FILENAME as DRAFT_STORE_FILENAME
 from .errors import FluidError
 from .fluid_config import CONFIG_FILENAME, FluidConfig
 from .hub import is_hub_id
@@ -56,6 +57,12 @@ class ModelSpec:
     def k_head_file(self) -> Path | None:
         if self.fluid and (self.fluid / K_HEAD_FILENAME).exists():
             return self.fluid / K_HEAD_FILENAME
+        return None
+
+    @property
+    def draft_store_file(self) -> Path | None:
+        if self.fluid and (self.fluid / DRAFT_STORE_FILENAME).exists():
+            return self.fluid / DRAFT_STORE_FILENAME
         return None
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from .acceptance import sample, verify_chain
 from .batching import FusedBatch, Tagged
+from .draft_store import DRAFT_TOKENS, DraftStore
 from .errors import FluidError
 from .events import BlockStart, Commit, Draft, Event, Finished, Verify
 from .fluid_config import FluidConfig, check_decoding, is_confident
@@ -60,6 +61,7 @@ class DecodeSettings:
     top_p: float = 1.0  # 1: off
     seed: int | tuple[int, ...] | None = None  # one seed, one per prompt, or None: fresh randomness
     sample_drafts: bool = True  # mask drafts drawn from their own distribution (else their argmax)
+    draft_store: bool = True  # look up unsure drafts in the checkpoint's draft store, when it has one
 
     @classmethod
     def from_config(cls, config: FluidConfig | None = None, **overrides: Any) -> DecodeSettings:
@@ -90,6 +92,9 @@ class DecodeSettings:
             raise FluidError(f"max_new_tokens must be a whole number, at least 1 (got {self.max_new_tokens})",
                              "max_new_tokens")
         check_decoding(self.k_min, self.k_max, self.threshold, self.prompt_lookup_num_tokens)
+        for name in ("sample_drafts", "draft_store"):
+            if not isinstance(getattr(self, name), bool):
+                raise FluidError(f"{name} must be true or false (got {getattr(self, name)!r})", name)
         check_sampling(self.temperature, self.top_k, self.top_p)
         for seed in self.seed if isinstance(self.seed, (tuple, list)) else [self.seed]:
             check_seed(seed)
@@ -162,9 +167,10 @@ class Decoder:
     """
 
     def __init__(self, backend: Backend, prompts: Sequence[Sequence[int]], settings: DecodeSettings,
-                 prompt_cache: PromptCache | None = None):
+                 prompt_cache: PromptCache | None = None, draft_store: DraftStore | None = None):
         self.backend = backend
         self.settings = settings.validate()
+        self.draft_store = draft_store if self.settings.draft_store else None
         self.prompts = [list(p) for p in prompts]
         if not self.prompts:
             raise FluidError("no prompts given; pass at least one non-empty prompt", "prompt")
@@ -371,9 +377,12 @@ class Decoder:
         proposals: list[np.ndarray | None] = []
         lookup: list[int] = []
         if s.prompt_lookup_num_tokens and slots and not (kept[0] and is_confident(slot_conf[0], s.threshold)):
-            # the mask draft is unsure: the text to come may be on the page already
-            lookup = lookup_continuation(self.prompts[b] + result.token_ids,
-                                         min(s.prompt_lookup_num_tokens, len(slots)))
+            # the mask draft is unsure: the text to come may be on the page already, or be
+            # what the model's replies to other prompts went on with (fluid_app/draft_store.py)
+            context, wanted = self.prompts[b] + result.token_ids, min(s.prompt_lookup_num_tokens, len(slots))
+            lookup = lookup_continuation(context, wanted)
+            if not lookup and self.draft_store is not None:
+                lookup = self.draft_store.continuation(context, min(wanted, DRAFT_TOKENS))
         if lookup:
             slots[: len(lookup)] = lookup
             slot_conf = [1.0] * len(lookup) + [0.0] * (len(slots) - len(lookup))

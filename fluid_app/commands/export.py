@@ -30,6 +30,9 @@ def register(subparsers) -> None:
                         help="decoding default to record (adapter export)")
     parser.add_argument("--sampling-k-min", type=int, default=None,
                         help="decoding default to record (adapter export): k_min when sampling")
+    parser.add_argument("--draft-store", metavar="REPLIES", default=None,
+                        help="adapter export: build the draft store from the assistant replies of this chat "
+                             "JSONL (the base model's own replies, as `fluid distill` writes them)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it already exists")
     parser.set_defaults(run=run)
 
@@ -40,10 +43,17 @@ def run(args: argparse.Namespace) -> int:
     if not args.merge:
         from ..adapter_export import export_adapter
 
-        print(export_adapter(spec, args.out, dtype=args.dtype, force=args.force, overrides=overrides))
+        store = None
+        if args.draft_store is not None:
+            from ..api import load
+            from ..draft_store import replies_array
+
+            store = replies_array(args.draft_store, load(args.source, k_head=False).tokenizer)
+        print(export_adapter(spec, args.out, dtype=args.dtype, force=args.force, overrides=overrides,
+                             draft_store=store))
         return 0
-    if overrides:
-        flags = "/".join("--" + name.replace("_", "-") for name in DECODING_DEFAULTS)
+    if overrides or args.draft_store is not None:
+        flags = "/".join("--" + name.replace("_", "-") for name in (*DECODING_DEFAULTS, "draft_store"))
         raise FluidError(f"{flags} apply to an adapter export; drop --merge or those flags")
     from backends import export_merged
 

@@ -135,7 +135,7 @@ def parse(body: Any, kind: str, model: FluidModel, model_id: str) -> Job:
     try:
         ids = _chat_ids(body, model) if kind == "chat" else _prompt_ids(body, model)
         settings = model.settings(**overrides)
-        decoder = Decoder(model.backend, [ids], settings)
+        decoder = Decoder(model.backend, [ids], settings, draft_store=model.draft_store)
     except FluidError as exc:
         param = next((names.get(p, p) for p in exc.params), None)
         raise ApiError(422, exc.message, param, "invalid_value") from None

@@ -141,6 +141,13 @@ def _check_input(prompt: str, k_min: float, k_max: float, mode: str = "fluid", *
     DecodeSettings.from_config(None, mode=mode, k_min=int(k_min), k_max=int(k_max), **sampling)
 
 
+def slider_defaults(config: FluidConfig) -> dict[str, Any]:
+    """The FLUID sliders' starting values: a checkpoint's own decoding defaults (the demo shows
+    what the model was exported to do), plus its sampling ``k_min`` for the Temperature rule."""
+    return {"threshold": config.threshold, "k_min": config.k_min, "k_max": config.k_max,
+            "sampling_k_min": config.sampling_k_min}
+
+
 class DemoApp:
     """Builds the page around a :class:`ModelCache`; ``models`` (default: ``default_model``
     alone) are the models a visitor may pick, ``default_model`` first."""
@@ -151,9 +158,7 @@ class DemoApp:
         self.cache = cache
         self.models = models or ModelChoices([default_model])
         self.default_backend = default_backend
-        config = FluidConfig()
-        self.defaults = {"threshold": config.threshold, "k_min": config.k_min, "k_max": config.k_max,
-                         "sampling_k_min": config.sampling_k_min, **(defaults or {})}
+        self.defaults = {**slider_defaults(FluidConfig()), **(defaults or {})}
         self.concurrency = concurrency
         self.activity = Activity()
 
@@ -569,8 +574,7 @@ def launch(model: str = "default", backend: str = "auto", host: str = "127.0.0.1
         print(f"backend: {chosen} ({reason}); loading {model!r}…", file=sys.stderr)
         loaded, _ = cache.get(model, backend)
         warm_up(loaded)
-        c = loaded.config
-        defaults = {"threshold": c.threshold, "k_min": c.k_min, "k_max": c.k_max, "sampling_k_min": c.sampling_k_min}
+        defaults = slider_defaults(loaded.config)
     demo = DemoApp(cache, model, backend, defaults, concurrency, models=models).build()
     _, url, share_url = demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
                                     theme=theme(), css=PAGE_CSS, ssr_mode=False, quiet=False, show_error=False,
