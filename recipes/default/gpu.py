@@ -4,7 +4,7 @@ Stage II, export (README.md here, "GPU path").
 
 Why this script: the CPU recipe took hours for 1,792 replies; a GPU does 10x the data in
 minutes, but the machine it runs on is lent under hard limits. Nothing can be downloaded
-there, at most 64 MiB of files travel to it per command (this repository's ~12 MiB
+there, at most 64 MiB of files travel to it per command (this repository's ~15 MiB
 included), a command runs 9 minutes at most, and two commands are all there is. The base
 GGUF is 94 MiB, so it travels in two parts, one per command, and the ShareGPT file
 (125 MB) not at all: the training prompts are picked here, on the CPU, exactly as
