@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from .data import read_conversations
 from .draft_store import FILENAME as DRAFT_STORE_FILENAME
-from .draft_store import load_draft_store, save_draft_store
+from .draft_store import load_draft_store, pack_replies, save_draft_store
 from .errors import FluidError, damaged
 from .files import atomic_folder, write_json_atomic
 from .fluid_config import CONFIG_FILENAME, FluidConfig
@@ -29,7 +30,7 @@ DTYPES = ("float32", "float16")
 def export_adapter(spec: ModelSpec, out: str | Path, *, dtype: str = "float32", force: bool = False,
                    overrides: dict[str, Any] | None = None, draft_store: np.ndarray | None = None) -> Path:
     """Write ``spec``'s FLUID files to ``out`` (atomically); return ``out``. ``draft_store``
-    (:func:`~fluid_app.draft_store.replies_array`) replaces the checkpoint's own store, which
+    (:func:`replies_array`) replaces the checkpoint's own store, which
     is otherwise copied once it has been read whole."""
     if spec.fluid is None:
         raise FluidError(f"{spec.label} is not a FLUID checkpoint (no {CONFIG_FILENAME}); nothing to export")
@@ -53,6 +54,18 @@ def export_adapter(spec: ModelSpec, out: str | Path, *, dtype: str = "float32", 
             shutil.copyfile(spec.draft_store_file, tmp / DRAFT_STORE_FILENAME)
         config.save(tmp)
     return Path(out).expanduser().resolve()
+
+
+def replies_array(source: str, tokenizer: Any) -> np.ndarray:
+    """The store's array for the assistant turns of a data file (what ``fluid distill`` writes:
+    the base model's own replies), tokenised without special tokens as the model emits them."""
+    replies = [tokenizer.encode(m["content"], add_special_tokens=False)
+               for conversation in read_conversations(source) for m in conversation if m["role"] == "assistant"]
+    replies = [r for r in replies if r]
+    if not replies:
+        raise FluidError(f"{source} has no assistant replies to build a draft store from; pass the chat JSONL "
+                         "that `fluid distill` wrote", "draft_store")
+    return pack_replies(replies)
 
 
 def _copy_adapter_config(source: Path, target: Path, base_model: str | None) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -123,20 +123,6 @@ def pack_replies(replies: Sequence[Sequence[int]]) -> np.ndarray:
         out[at + len(reply)] = separator
         at += len(reply) + 1
     return out
-
-
-def replies_array(source: str, tokenizer: Any) -> np.ndarray:
-    """The store's array for the assistant turns of a data file (what ``fluid distill`` writes:
-    the base model's own replies), tokenised without special tokens as the model emits them."""
-    from .data import read_conversations
-
-    replies = [tokenizer.encode(m["content"], add_special_tokens=False)
-               for conversation in read_conversations(source) for m in conversation if m["role"] == "assistant"]
-    replies = [r for r in replies if r]
-    if not replies:
-        raise FluidError(f"{source} has no assistant replies to build a draft store from; pass the chat JSONL "
-                         "that `fluid distill` wrote", "draft_store")
-    return pack_replies(replies)
 
 
 def save_draft_store(tokens: np.ndarray, path: Path) -> None:

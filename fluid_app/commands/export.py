@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
         store = None
         if args.draft_store is not None:
+            from ..adapter_export import replies_array
             from ..api import load
-            from ..draft_store import replies_array
 
             store = replies_array(args.draft_store, load(args.source, k_head=False).tokenizer)
         print(export_adapter(spec, args.out, dtype=args.dtype, force=args.force, overrides=overrides,
