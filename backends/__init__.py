@@ -55,6 +55,14 @@ def load_backend(spec: ModelSpec, name: str = "auto", **options: Any):
     return load_mlx(spec, **options)
 
 
+def load_tokenizer(spec: ModelSpec) -> Any:
+    """The tokenizer of ``spec``'s base model without its weights (tokenising data, e.g. the
+    replies of ``fluid export --draft-store``, needs no model)."""
+    from .transformers_io import load_tokenizer as load
+
+    return load(spec.base_dir, str(spec.base), spec.gguf_file)
+
+
 def export_merged(spec: ModelSpec, out: str | Path, *, dtype: str = "float32", force: bool = False) -> Path:
     """``fluid export --merge``: the adapter fused into full weights (PyTorch)."""
     from .torch_backend.export import export_merged as export

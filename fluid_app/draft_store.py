@@ -45,17 +45,24 @@ class DraftStore:
 
     def __init__(self, tokens: np.ndarray):
         tokens = np.asarray(tokens)
-        self.separator = int(np.iinfo(tokens.dtype).max)
         self.tokens = tokens.astype(np.int64)
-        self.tokens[tokens == self.separator] = -1
-        keys = _keys(self.tokens)
-        valid = np.flatnonzero(keys >= 0)
-        order = np.argsort(keys[valid], kind="stable")
-        self._starts = valid[order]  # n-gram start positions, sorted by key, then by position
-        self._sorted = keys[self._starts]
+        self.tokens[tokens == np.iinfo(tokens.dtype).max] = -1  # the separator
+        self._index: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def _lookup_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(n-gram start positions sorted by key, then by position; their sorted keys), built
+        on the first lookup rather than at load: sorting a 2M-token store's keys takes about a
+        third of a second, which a model load that never drafts from the store should not pay.
+        One assignment, so a second thread that races the first just builds the same index."""
+        if self._index is None:
+            keys = _keys(self.tokens)
+            valid = np.flatnonzero(keys >= 0)
+            starts = valid[np.argsort(keys[valid], kind="stable")]
+            self._index = (starts, keys[starts])
+        return self._index
 
     def continuation(self, context: Sequence[int], num_tokens: int) -> list[int]:
         """Up to ``num_tokens`` tokens the store's replies most often continued ``context`` with;
@@ -68,10 +75,11 @@ class DraftStore:
         key = 0
         for token in tail:
             key = (key << _BITS) | token
-        lo, hi = np.searchsorted(self._sorted, key), np.searchsorted(self._sorted, key, side="right")
+        starts, keys = self._lookup_index()
+        lo, hi = np.searchsorted(keys, key), np.searchsorted(keys, key, side="right")
         if lo == hi:
             return []
-        positions = self._starts[lo:hi]
+        positions = starts[lo:hi]
         if len(positions) > MAX_OCCURRENCES:
             positions = positions[:: -(-len(positions) // MAX_OCCURRENCES)]
         positions = positions + NGRAM  # where each occurrence's continuation starts
@@ -148,10 +156,10 @@ def load_draft_store(path: Path, vocab_size: int | None = None) -> DraftStore:
         raise bad(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     if tokens.ndim != 1 or tokens.dtype not in (np.uint16, np.uint32):
         raise bad(f"'tokens' must be a 1-d array of uint16 or uint32, got {tokens.dtype} of shape {tokens.shape}")
-    separator = np.iinfo(tokens.dtype).max
-    ids = tokens[tokens != separator]
-    if ids.size and vocab_size is not None and int(ids.max()) >= vocab_size:
-        raise bad(f"token id {int(ids.max())} is outside the model's vocabulary of {vocab_size}")
-    if ids.size and int(ids.max()) >= 1 << _BITS:
-        raise bad(f"token id {int(ids.max())} is too large (at most {(1 << _BITS) - 1})")
+    ids = tokens[tokens != np.iinfo(tokens.dtype).max]
+    largest = int(ids.max()) if ids.size else -1
+    if vocab_size is not None and largest >= vocab_size:
+        raise bad(f"token id {largest} is outside the model's vocabulary of {vocab_size}")
+    if largest >= 1 << _BITS:
+        raise bad(f"token id {largest} is too large (at most {(1 << _BITS) - 1})")
     return DraftStore(tokens)

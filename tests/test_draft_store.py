@@ -74,6 +74,18 @@ def test_continuation_matches_a_brute_force_scan():
     assert store.continuation([9, 1, 2, 3], 4) == _oracle(replies, [9, 1, 2, 3], 4) == [4]
 
 
+def test_loading_defers_the_index_to_the_first_lookup(tmp_path):
+    """Sorting a store's n-grams costs a third of a second for the default's: a model load
+    (every `fluid` start, the demo, the server) pays it only once a draft is looked up."""
+    from fluid_app.draft_store import save_draft_store
+
+    save_draft_store(pack_replies([[1, 2, 3, 4], [1, 2, 3, 4]]), tmp_path / FILENAME)
+    store = load_draft_store(tmp_path / FILENAME, vocab_size=8)
+    assert store._index is None
+    assert store.continuation([1, 2, 3], 2) == [4]
+    assert store._index is not None
+
+
 def test_the_separator_and_large_vocabularies():
     """An n-gram never spans two replies; ids past uint16 get a uint32 store; the largest id the
     index can key is refused with a clear line."""

@@ -75,3 +75,23 @@ def test_an_adapter_for_another_shape_is_one_error_and_merges_nothing(tiny_model
     with pytest.raises(FluidError, match="does not fit this base model"):
         merge_plain_lora(model, out)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_bfloat16_load_merges_in_float32_then_casts(adapter):
+    """A bfloat16 (or float16) decode of a plain adapter takes the own forward, with the
+    adapter merged in float32 and the sum rounded once: the same weights as the float32 load
+    cast, where merging into bfloat16 weights through peft rounded W, BA and W + BA."""
+    from backends.torch_backend.llama_family import LlamaFamilyLM
+    from backends.torch_backend.loader import load
+    from fluid_app.model_refs import resolve_model
+
+    spec = resolve_model(str(adapter))
+    full = load(spec, device="cpu", dtype="float32")
+    for dtype, torch_dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        half = load(spec, device="cpu", dtype=dtype)
+        assert isinstance(half.model, LlamaFamilyLM)
+        weights = half.model.state_dict()
+        assert weights.keys() == full.model.state_dict().keys()
+        assert all(v.dtype == torch_dtype and torch.equal(v, full.model.state_dict()[k].to(torch_dtype))
+                   for k, v in weights.items())
+        assert half.k_head.out.weight.dtype == torch_dtype

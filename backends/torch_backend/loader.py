@@ -120,18 +120,24 @@ def load(spec: ModelSpec, *, device: str = "auto", dtype: str = "auto",
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     # an adapter the plain merge cannot take goes through peft, which wraps transformers' classes
-    own_forward = pack and (spec.adapter is None or (torch_dtype == torch.float32 and is_plain_lora(spec.adapter)))
-    tokenizer, model = load_pretrained(spec, dtype=torch_dtype, own_forward=own_forward)
-    return prepare(spec, tokenizer, model, torch_device, mask_token_id=mask_token_id, k_head=k_head, pack=pack)
+    own_forward = pack and (spec.adapter is None or is_plain_lora(spec.adapter))
+    # a plain adapter merges in float32 (peft's arithmetic) and the merged weights are cast once:
+    # a bfloat16 model gets the rounding of W + BA, not of W, BA and their sum
+    merge_first = own_forward and spec.adapter is not None and torch_dtype != torch.float32
+    tokenizer, model = load_pretrained(spec, dtype=torch.float32 if merge_first else torch_dtype,
+                                       own_forward=own_forward)
+    return prepare(spec, tokenizer, model, torch_device, mask_token_id=mask_token_id, k_head=k_head, pack=pack,
+                   dtype=torch_dtype)
 
 
 def prepare(spec: ModelSpec, tokenizer, model, torch_device: torch.device, *, mask_token_id: int | None = None,
-            k_head: bool = True, pack: bool = True) -> TorchBackend:
+            k_head: bool = True, pack: bool = True, dtype: torch.dtype | None = None) -> TorchBackend:
     """The FLUID backend around a loaded tokenizer and causal LM: the MASK token chosen (or
-    added), the adapter fused, the weights moved and packed, the K-head attached. Split from
-    :func:`load` so that one model can be prepared from any source the same way (the tests
-    compare the converted copy of a GGUF against transformers' own reading of the file)."""
-    torch_dtype = model.dtype
+    added), the adapter fused, the weights cast to ``dtype`` (default: kept), moved and packed,
+    the K-head attached. Split from :func:`load` so that one model can be prepared from any
+    source the same way (the tests compare the converted copy of a GGUF against transformers'
+    own reading of the file)."""
+    torch_dtype = dtype or model.dtype
     config = spec.fluid_config or FluidConfig()
     if mask_token_id is not None:
         config = config.with_overrides(mask_token_id=mask_token_id)
@@ -140,7 +146,7 @@ def prepare(spec: ModelSpec, tokenizer, model, torch_device: torch.device, *, ma
     config.validate(vocab_size=int(model.get_input_embeddings().weight.shape[0]))
     if spec.adapter is not None:
         model = _fuse_adapter(model, spec)
-    model.to(torch_device)
+    model.to(torch_device, torch_dtype)
     if pack:
         pack_linear_layers(model)
     head = None

@@ -45,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
 
         store = None
         if args.draft_store is not None:
-            from ..adapter_export import replies_array
-            from ..api import load
+            from backends import load_tokenizer
 
-            store = replies_array(args.draft_store, load(args.source, k_head=False).tokenizer)
+            from ..adapter_export import replies_array
+
+            store = replies_array(args.draft_store, load_tokenizer(spec))
         print(export_adapter(spec, args.out, dtype=args.dtype, force=args.force, overrides=overrides,
                              draft_store=store))
         return 0
