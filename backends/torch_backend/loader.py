@@ -119,11 +119,14 @@ def load(spec: ModelSpec, *, device: str = "auto", dtype: str = "auto",
     """
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
-    # an adapter the plain merge cannot take goes through peft, which wraps transformers' classes
-    own_forward = pack and (spec.adapter is None or is_plain_lora(spec.adapter))
-    # a plain adapter merges in float32 (peft's arithmetic) and the merged weights are cast once:
-    # a bfloat16 model gets the rounding of W + BA, not of W, BA and their sum
-    merge_first = own_forward and spec.adapter is not None and torch_dtype != torch.float32
+    # an adapter the plain merge cannot take goes through peft, which wraps transformers' classes.
+    # On a CPU a plain adapter for a bfloat16 or float16 decode merges in float32 (peft's
+    # arithmetic) and the merged weights are cast once: the rounding of W + BA, not of W, BA and
+    # their sum. The float32 copy is transient; a GPU load keeps half precision and peft.
+    merge_first = torch_dtype != torch.float32 and torch_device.type == "cpu"
+    own_forward = pack and (spec.adapter is None or ((torch_dtype == torch.float32 or merge_first)
+                                                     and is_plain_lora(spec.adapter)))
+    merge_first = merge_first and own_forward and spec.adapter is not None
     tokenizer, model = load_pretrained(spec, dtype=torch.float32 if merge_first else torch_dtype,
                                        own_forward=own_forward)
     return prepare(spec, tokenizer, model, torch_device, mask_token_id=mask_token_id, k_head=k_head, pack=pack,
