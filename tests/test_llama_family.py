@@ -119,3 +119,46 @@ def test_grown_vocabulary_equals_transformers_bitwise(tiny_model_dir, tmp_path, 
         assert a.shape[-1] == rows and np.array_equal(a, b), float(np.abs(a - b).max())
     first = ours.start([[5, new_row, 7]], logits=True)[1].logits  # the new row is read, not just carried
     assert np.array_equal(first, theirs.start([[5, new_row, 7]], logits=True)[1].logits)
+
+
+def _bfloat16_matmul_rows_invariant() -> bool:
+    """Whether this CPU's bfloat16 linear layers give a row the same bits whatever the number of
+    rows in the call (true with AMX; a CPU that emulates bfloat16 may block rows differently,
+    and then no attention scheme makes a window equal one-token forwards)."""
+    from backends.torch_backend.cpu_linear import PackedLinear, packing_works
+
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(64, 96, bias=False).to(torch.bfloat16)
+    if packing_works(torch.bfloat16):
+        layer = PackedLinear.from_linear(layer)
+    x = torch.randn(1, 16, 64, generator=generator).to(torch.bfloat16)
+    with torch.no_grad():
+        solo = [layer(x[:, j:j + 1]) for j in range(16)]
+        return all(torch.equal(layer(x[:, :m])[:, j], solo[j][:, 0]) for m in (2, 5, 16) for j in range(m))
+
+
+def test_a_bfloat16_window_equals_one_token_forwards_bitwise():
+    """FLUID stays identical to AR in bfloat16 on a CPU: a decoding window's logits are bitwise
+    those of one-token forwards (each query attended as a one-token forward attends it). The
+    embedded default, because SDPA's blocking only shows at its sizes (tiny configs pass without
+    the per-query attention; this fails without it)."""
+    from backends.torch_backend.loader import load
+
+    if not _bfloat16_matmul_rows_invariant():
+        pytest.skip("this CPU's bfloat16 matmuls block rows differently: no bitwise window guarantee here")
+    backend = load(resolve_model("default"), device="cpu", dtype="bfloat16")
+    assert isinstance(backend.model, LlamaFamilyLM) and backend.model.dtype == torch.bfloat16
+    prompt = [int(t) for t in np.random.default_rng(0).integers(3, 40000, size=300)]
+    tokens = [int(t) for t in np.random.default_rng(1).integers(3, 40000, size=16)]
+    one, _ = backend.start([prompt], logits=True)
+    expected = []
+    for token in tokens:
+        expected.append(one.forward(np.array([[token]])).logits[0, 0])
+        one.commit([1])
+    window, _ = backend.start([prompt], logits=True)
+    got, at = [], 0
+    for width in (3, 5, 8):
+        got.extend(window.forward(np.array([tokens[at:at + width]])).logits[0])
+        window.commit([width])
+        at += width
+    assert all(np.array_equal(g, e) for g, e in zip(got, expected, strict=True))

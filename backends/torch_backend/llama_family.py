@@ -20,6 +20,9 @@ decoding runs) its logits equal transformers' bit for bit in every session opera
 (``tests/test_llama_family.py``). With plain ``F.linear`` the two can differ in the last float
 bits (about 1e-6): the weights here are private copies, transformers' stay mapped from the
 file, and a CPU matmul's summation order follows the weights' memory alignment.
+One deliberate exception: in bfloat16 or float16 on a CPU, a decoding window is attended one
+query at a time, as one-token forwards attend it, so that FLUID equals AR bit for bit there too
+(:func:`_query_mask`).
 
 The module keeps transformers' parameter names (``model.layers.N.self_attn.q_proj``...), so
 safetensors load directly, a peft LoRA merges by name, and the linear layers pack as before.
@@ -157,8 +160,19 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, self.index)
+        past = k.shape[-2] - width
+        if width > 1 and past > 0 and q.dtype != torch.float32 and q.device.type == "cpu":
+            out = torch.cat([self._attend(q[:, :, j:j + 1], k[:, :, :past + j + 1], v[:, :, :past + j + 1],
+                                          _query_mask(mask, j, past)) for j in range(width)], dim=1)
+        else:
+            out = self._attend(q, k, v, mask)
+        return self.o_proj(out.reshape(batch, width, -1).contiguous())
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """SDPA as transformers dispatches it, so the same kernels see the same tensors; ``[B, W, heads, D]``."""
+        batch, width = q.shape[0], q.shape[2]
         options: dict[str, Any] = {}
-        if self.groups > 1:  # transformers' SDPA dispatch, so the same kernels see the same tensors
+        if self.groups > 1:
             if mask is None and k.shape[-1] == v.shape[-1] <= 256:
                 options["enable_gqa"] = True
             elif width == 1:
@@ -169,8 +183,25 @@ class Attention(nn.Module):
                 k, v = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=self.scale,
                                              is_causal=width > 1 and mask is None, **options)
-        out = out.reshape(batch, -1, width, v.shape[-1]).transpose(1, 2).contiguous()
-        return self.o_proj(out.reshape(batch, width, -1).contiguous())
+        return out.reshape(batch, -1, width, v.shape[-1]).transpose(1, 2).contiguous()
+
+
+def _query_mask(mask: torch.Tensor | None, j: int, past: int) -> torch.Tensor | None:
+    """Query ``j`` of a decoding window as a one-token forward would see it: its own columns
+    (the window's earlier keys and itself), and no mask where it may see them all.
+
+    Why a window is attended one query at a time in half precision on a CPU: SDPA's CPU
+    kernels block a window's queries differently from a single query, so a window's rows
+    differ from one-token forwards in the last bits. In float32 that flips a greedy token
+    almost never; in bfloat16 every layer rounds to 8 mantissa bits, and a window's logits and
+    AR's drifted up to 0.75 apart (2 of 4 prompts decoded differently). Computed as AR computes
+    it, each query gets AR's bits (the packed bfloat16 linear layers are row-invariant already),
+    so FLUID stays identical to AR in bfloat16 too, for a few small SDPA calls per layer.
+    """
+    if mask is None:
+        return None
+    row = mask[:, :, j:j + 1, :past + j + 1]
+    return None if bool(row.all()) else row
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
