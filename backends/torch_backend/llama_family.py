@@ -22,7 +22,7 @@ bits (about 1e-6): the weights here are private copies, transformers' stay mappe
 file, and a CPU matmul's summation order follows the weights' memory alignment.
 One deliberate exception: in bfloat16 or float16 on a CPU, a decoding window is attended one
 query at a time, as one-token forwards attend it, so that FLUID equals AR bit for bit there too
-(:func:`_query_mask`).
+(:func:`query_masks`).
 
 The module keeps transformers' parameter names (``model.layers.N.self_attn.q_proj``...), so
 safetensors load directly, a peft LoRA merges by name, and the linear layers pack as before.
@@ -149,7 +149,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(shape.head_dim, shape.eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVCache | None, queries: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         batch, width = x.shape[:2]
         split = (batch, width, -1, self.head_dim)
         q, k, v = self.q_proj(x).view(split), self.k_proj(x).view(split), self.v_proj(x).view(split)
@@ -160,10 +160,10 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, self.index)
-        past = k.shape[-2] - width
-        if width > 1 and past > 0 and q.dtype != torch.float32 and q.device.type == "cpu":
-            out = torch.cat([self._attend(q[:, :, j:j + 1], k[:, :, :past + j + 1], v[:, :, :past + j + 1],
-                                          _query_mask(mask, j, past)) for j in range(width)], dim=1)
+        if queries is not None:  # one query at a time, as one-token forwards attend it (query_masks)
+            past = k.shape[-2] - width
+            out = torch.cat([self._attend(q[:, :, j:j + 1], k[:, :, :past + j + 1], v[:, :, :past + j + 1], row)
+                             for j, row in enumerate(queries)], dim=1)
         else:
             out = self._attend(q, k, v, mask)
         return self.o_proj(out.reshape(batch, width, -1).contiguous())
@@ -186,22 +186,28 @@ class Attention(nn.Module):
         return out.reshape(batch, -1, width, v.shape[-1]).transpose(1, 2).contiguous()
 
 
-def _query_mask(mask: torch.Tensor | None, j: int, past: int) -> torch.Tensor | None:
-    """Query ``j`` of a decoding window as a one-token forward would see it: its own columns
-    (the window's earlier keys and itself), and no mask where it may see them all.
+def query_masks(mask: torch.Tensor | None, width: int, past: int,
+                x: torch.Tensor) -> list[torch.Tensor | None] | None:
+    """For a decoding window in half precision on a CPU, each query's mask as a one-token forward
+    would see it (its own columns; None where it may see them all); else None: the window is
+    attended whole. Worked out once a forward, for every layer.
 
-    Why a window is attended one query at a time in half precision on a CPU: SDPA's CPU
-    kernels block a window's queries differently from a single query, so a window's rows
-    differ from one-token forwards in the last bits. In float32 that flips a greedy token
-    almost never; in bfloat16 every layer rounds to 8 mantissa bits, and a window's logits and
-    AR's drifted up to 0.75 apart (2 of 4 prompts decoded differently). Computed as AR computes
-    it, each query gets AR's bits (the packed bfloat16 linear layers are row-invariant already),
-    so FLUID stays identical to AR in bfloat16 too, for a few small SDPA calls per layer.
+    Why a window is attended one query at a time there: SDPA's CPU kernels block a window's
+    queries differently from a single query, so a window's rows differ from one-token forwards
+    in the last bits. In float32 that flips a greedy token almost never; in bfloat16 every
+    layer rounds to 8 mantissa bits, and a window's logits and AR's drifted up to 0.75 apart
+    (2 of 4 prompts decoded differently). Computed as AR computes it, each query gets AR's bits
+    (the packed bfloat16 linear layers are row-invariant already), so FLUID stays identical to
+    AR in bfloat16 too, for a few small SDPA calls per layer. Prefills (``past`` 0) are the same
+    call in every mode and stay whole.
     """
-    if mask is None:
+    if width == 1 or past == 0 or x.dtype == torch.float32 or x.device.type != "cpu":
         return None
-    row = mask[:, :, j:j + 1, :past + j + 1]
-    return None if bool(row.all()) else row
+    rows: list[torch.Tensor | None] = []
+    for j in range(width):
+        row = None if mask is None else mask[:, :, j:j + 1, :past + j + 1]
+        rows.append(None if row is None or bool(row.all()) else row)
+    return rows
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -228,8 +234,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(shape.hidden, shape.eps)
         self.post_attention_layernorm = RMSNorm(shape.hidden, shape.eps)
 
-    def forward(self, x, mask, rope, cache):
-        x = x + self.self_attn(self.input_layernorm(x), mask, rope, cache)
+    def forward(self, x, mask, rope, cache, queries=None):
+        x = x + self.self_attn(self.input_layernorm(x), mask, rope, cache, queries)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -329,8 +335,9 @@ class Inner(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1)
         rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         mask = causal_mask(attention_mask, width, past, batch)
+        queries = query_masks(mask, width, past, x)
         for block in self.layers:
-            x = block(x, mask, rope, cache)
+            x = block(x, mask, rope, cache, queries)
         return SimpleNamespace(last_hidden_state=self.norm(x))
 
 

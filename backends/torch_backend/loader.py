@@ -123,10 +123,10 @@ def load(spec: ModelSpec, *, device: str = "auto", dtype: str = "auto",
     # On a CPU a plain adapter for a bfloat16 or float16 decode merges in float32 (peft's
     # arithmetic) and the merged weights are cast once: the rounding of W + BA, not of W, BA and
     # their sum. The float32 copy is transient; a GPU load keeps half precision and peft.
-    merge_first = torch_dtype != torch.float32 and torch_device.type == "cpu"
-    own_forward = pack and (spec.adapter is None or ((torch_dtype == torch.float32 or merge_first)
+    half_on_cpu = torch_dtype != torch.float32 and torch_device.type == "cpu"
+    own_forward = pack and (spec.adapter is None or ((torch_dtype == torch.float32 or half_on_cpu)
                                                      and is_plain_lora(spec.adapter)))
-    merge_first = merge_first and own_forward and spec.adapter is not None
+    merge_first = own_forward and spec.adapter is not None and half_on_cpu
     tokenizer, model = load_pretrained(spec, dtype=torch.float32 if merge_first else torch_dtype,
                                        own_forward=own_forward)
     return prepare(spec, tokenizer, model, torch_device, mask_token_id=mask_token_id, k_head=k_head, pack=pack,
