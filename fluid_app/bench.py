@@ -151,7 +151,9 @@ def run_bench(model: FluidModel, prompts: Sequence[str], *, chat: bool = False,
             t.forwards += out.forwards
             t.seconds += out.seconds
             t.outputs.append(out)
-    report: dict[str, Any] = {"prompts": len(prompts), "modes": {m: t.summary() for m, t in totals.items()}}
+    backend = model.backend
+    report: dict[str, Any] = {"prompts": len(prompts), "modes": {m: t.summary() for m, t in totals.items()},
+                              "backend": {"name": backend.name, "device": backend.device, "dtype": backend.dtype}}
     tps = {m: report["modes"][m]["tokens_per_s"] for m in runs}
     if "fluid" in totals and "ar" in totals:
         report["speedup"] = round(tps["fluid"] / tps["ar"], 3) if tps["ar"] else 0.0
@@ -243,7 +245,9 @@ def _progress(prompts: Sequence[str]):
 
 def format_table(report: dict[str, Any]) -> str:
     """A short human table of a bench report."""
-    lines = [f"{'mode':<12} {'tokens':>7} {'forwards':>8} {'seconds':>8} {'tok/s':>8} {'TPF':>6}"]
+    where = report.get("backend")
+    lines = [f"{where['name']} on {where['device']}, {where['dtype']}"] if where else []
+    lines += [f"{'mode':<12} {'tokens':>7} {'forwards':>8} {'seconds':>8} {'tok/s':>8} {'TPF':>6}"]
     for mode, s in report["modes"].items():
         lines.append(f"{mode:<12} {s['tokens']:>7} {s['forwards']:>8} {s['seconds']:>8.2f} "
                      f"{s['tokens_per_s']:>8.2f} {s['tokens_per_forward']:>6.2f}")

@@ -79,6 +79,7 @@ class Backend(Protocol):
 
     name: str  # "torch" or "mlx"
     device: str  # where the forwards run, as the backend names it ("cpu", "cuda:0", "gpu")
+    dtype: str  # the weights' precision ("float32", "bfloat16", "float16"), ``auto`` resolved
     label: str  # the model reference it was loaded from, for messages
     tokenizer: Any  # a Hugging Face compatible tokenizer (encode/decode/apply_chat_template)
     fluid_config: FluidConfig  # the checkpoint's settings, MASK token resolved

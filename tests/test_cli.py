@@ -44,8 +44,11 @@ def test_bench_reports_every_mode_and_the_comparisons(tiny_model_dir, tmp_path):
         assert set(report["modes"][mode]) >= {"tokens", "forwards", "seconds", "tokens_per_s", "tokens_per_forward"}
     assert report["identical"] is True and report["mismatches"] == 0
     assert {"speedup", "speedup_vs_reference"} <= set(report)
-    table = run_cli("bench", "--model", str(tiny_model_dir("llama")), "--prompts", str(prompts), "--max-new-tokens", "4")
+    assert report["backend"] == {"name": "torch", "device": "cpu", "dtype": "float32"}  # what ran, for the record
+    table = run_cli("bench", "--model", str(tiny_model_dir("llama")), "--prompts", str(prompts), "--max-new-tokens", "4",
+                    "--dtype", "bfloat16")
     assert "speedup=" in table.stdout and "fluid" in table.stdout
+    assert table.stdout.splitlines()[0] == "torch on cpu, bfloat16"
 
 
 def test_bench_runs_fixed_horizons_and_draws_the_plot(tiny_model_dir, tmp_path):

@@ -87,6 +87,7 @@ def pair(tiny_model_dir):
 def test_tiny_lossless_and_parity(pair, arch):
     torch_model, mlx_model = pair(arch)
     assert mlx_model.backend.name == "mlx"
+    assert mlx_model.backend.dtype == torch_model.backend.dtype == "float32"
     assert mlx_model.backend.mask_token_id == torch_model.backend.mask_token_id
     assert mlx_model.backend.eos_token_ids == torch_model.backend.eos_token_ids
     assert mlx_model.backend.vocab_size == torch_model.backend.vocab_size

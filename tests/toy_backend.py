@@ -31,6 +31,7 @@ def _hash(*values: int) -> int:
 class ToyLM:
     name = "toy"
     device = "cpu"
+    dtype = "float64"
     tokenizer = None
     has_k_head = True
 

@@ -66,6 +66,15 @@ class MLXBackend:
         self.vocab_size = _check_hidden_path(self)
 
     @property
+    def dtype(self) -> str:
+        """The precision the model computes in (a quantized model: its scales'), as ``--dtype``
+        names it."""
+        from mlx.utils import tree_flatten
+
+        floats = [v.dtype for _, v in tree_flatten(self.model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+        return str(floats[0]).split(".")[-1] if floats else "float32"
+
+    @property
     def has_k_head(self) -> bool:
         return self.k_head is not None
 

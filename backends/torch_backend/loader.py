@@ -84,6 +84,11 @@ class TorchBackend:
         return DynamicCache(config=self.model.config)
 
     @property
+    def dtype(self) -> str:
+        """The weights' precision, as ``--dtype`` names it (``auto`` resolved)."""
+        return str(self.model.dtype).removeprefix("torch.")
+
+    @property
     def has_k_head(self) -> bool:
         return self.k_head is not None
 
