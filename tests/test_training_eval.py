@@ -196,3 +196,27 @@ def test_eval_needs_a_held_out_split(tiny_model_dir, chat_file, tmp_path, capsys
     with pytest.raises(FluidError, match="held-out split of .* is empty"):
         run_stage1(stage1_options(base, chat_file, tmp_path / "b", eval_every=2, holdout=0.01))
     assert not (tmp_path / "b").exists()
+
+
+def test_the_draft_quality_script_scores_a_finished_run_as_the_run_scored_itself(tiny_model_dir, chat_file, tmp_path):
+    """``benchmarks/draft_quality.py`` on a run's exported folder: the same held-out anchors as
+    the run's last ``--eval-every`` record and the same figures, up to the merged export's
+    rounding; a missing data file is one ``error:`` line, exit 2."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    summary = run_stage1(stage1_options(tiny_model_dir("llama"), chat_file, out, steps=6, holdout=0.25, max_len=64,
+                                        eval_every=6, eval_count=6, k_max=4, bf16=True))
+    script = [sys.executable, str(root / "benchmarks" / "draft_quality.py"), "--model", str(out), "--holdout", "0.25",
+              "--eval-count", "6", "--k-max", "4", "--max-len", "64"]
+    proc = subprocess.run([*script, "--data", str(chat_file)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    scored, logged = json.loads(proc.stdout), summary["eval"]["eval"]
+    assert scored["anchors"] == logged["anchors"] > 50 and len(scored["accuracy"]) == 4
+    assert abs(scored["mean_accepted_run"] - logged["mean_accepted_run"]) < 0.05
+    bad = subprocess.run([*script, "--data", str(tmp_path / "none.jsonl")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and bad.stderr.count("\n") == 1, bad.stderr
