@@ -38,21 +38,20 @@ def main() -> None:
     import torch
 
     from backends.torch_backend.loader import load
-    from backends.torch_backend.training.evaluate import DraftEvaluator
+    from backends.torch_backend.training.evaluate import DraftEvaluator, held_out_examples
     from backends.torch_backend.training.model import FluidLossModule
-    from fluid_app.data import build_examples, read_conversations
     from fluid_app.errors import FluidError
     from fluid_app.model_refs import resolve_model
 
     try:
         backend = load(resolve_model(args.model), device="cpu", dtype="float32", pack=False)
-        conversations = read_conversations(args.data, holdout=args.holdout, split="heldout", limit=args.eval_count)
-        if not conversations:
-            raise FluidError(f"the held-out split of {args.data} is empty; raise --holdout", "holdout")
         tokenizer = backend.tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        examples = build_examples(conversations, tokenizer, max_len=args.max_len, source=f"{args.data} (held out)")
+        examples = held_out_examples(args.data, tokenizer, holdout=args.holdout, count=args.eval_count,
+                                     max_len=args.max_len)
+        if not examples:
+            raise FluidError(f"the held-out split of {args.data} is empty; raise --holdout", "holdout")
     except FluidError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -71,8 +71,9 @@ class MLXBackend:
         names it."""
         from mlx.utils import tree_flatten
 
-        floats = [v.dtype for _, v in tree_flatten(self.model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
-        return str(floats[0]).split(".")[-1] if floats else "float32"
+        first = next((v.dtype for _, v in tree_flatten(self.model.parameters()) if mx.issubdtype(v.dtype, mx.floating)),
+                     mx.float32)
+        return str(first).split(".")[-1]
 
     @property
     def has_k_head(self) -> bool:

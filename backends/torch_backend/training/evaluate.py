@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from fluid_app.data import Example
+from fluid_app.data import Example, build_examples, read_conversations
 from fluid_app.layout import IGNORE_INDEX, Layout, build_layout
 
 from .collate import collate
@@ -51,6 +51,16 @@ class DraftQuality:
         """The ``"eval"`` object of the train log line."""
         return {"accuracy": [None if a is None else round(a, 6) for a in self.accuracy],
                 "mean_accepted_run": round(self.mean_accepted_run, 6), "anchors": self.anchors}
+
+
+def held_out_examples(data: str, tokenizer: Any, *, holdout: float, count: int, max_len: int) -> list[Example]:
+    """What ``--eval-every`` scores: the first ``count`` conversations of ``data``'s held-out
+    split (the last ``holdout`` of its records), rendered as training renders them; empty when
+    that split is. One definition for a run and for scoring a finished checkpoint
+    (``benchmarks/draft_quality.py``), so both see the same conversations."""
+    conversations = read_conversations(data, holdout=holdout, split="heldout", limit=count)
+    return build_examples(conversations, tokenizer, max_len=max_len, source=f"{data} (held out)") \
+        if conversations else []
 
 
 def eval_layout(example: Example, mask_token_id: int, k: int) -> Layout:

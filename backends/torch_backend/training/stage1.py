@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from fluid_app.data import build_examples, read_conversations
 from fluid_app.errors import FluidError
 from fluid_app.fluid_config import CONFIG_FILENAME, FluidConfig
 from fluid_app.layout import IGNORE_INDEX
@@ -25,7 +24,7 @@ from fluid_app.model_refs import resolve_model
 from . import checkpoint as ckpt
 from .collate import LayoutOptions, collate, make_layouts
 from .distributed import Dist, wrap
-from .evaluate import DraftEvaluator
+from .evaluate import DraftEvaluator, held_out_examples
 from .loop import Plan, Step, check_max_len, cosine_scheduler, plan_steps, run_stage, run_steps
 from .masks import build_attention_mask
 from .model import AR_LOSSES, FluidLossModule, LoadedBase, attach_lora, causal_lm, load_base
@@ -187,13 +186,13 @@ def _train(opts: Stage1Options, env: Dist, started: float) -> dict[str, Any]:
 
 
 def _evaluator(opts: Stage1Options, env: Dist, base: LoadedBase, attn_kind: str) -> DraftEvaluator:
-    """The held-out examples ``--eval-every`` scores: the first ``eval_count`` conversations of
-    the held-out split (the last ``holdout`` of the records), rendered as training renders."""
-    conversations = read_conversations(opts.data, holdout=opts.holdout, split="heldout", limit=opts.eval_count)
-    if not conversations:
+    """The scorer ``--eval-every`` runs, on :func:`.evaluate.held_out_examples`; an empty held-out
+    split is an error naming both options."""
+    examples = held_out_examples(opts.data, base.tokenizer, holdout=opts.holdout, count=opts.eval_count,
+                                 max_len=opts.max_len)
+    if not examples:
         raise FluidError(f"the held-out split of {opts.data} is empty (holdout {opts.holdout} of its records "
                          "rounds down to none); raise holdout or turn eval_every off", "holdout", "eval_every")
-    examples = build_examples(conversations, base.tokenizer, max_len=opts.max_len, source=f"{opts.data} (held out)")
     return DraftEvaluator(examples, mask_token_id=base.mask_token_id, k=opts.k_max, batch_size=opts.batch_size,
                           pad_token_id=base.tokenizer.pad_token_id, attn_kind=attn_kind, device=env.device,
                           bf16=opts.bf16)
