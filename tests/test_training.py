@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from backends.torch_backend.training.collate import collate
 from backends.torch_backend.training.masks import mask_mod_for, sdpa_mask
-from backends.torch_backend.training.model import FluidLossModule
+from backends.torch_backend.training.model import FluidLossModule, attach_lora, start_from_adapter
 from backends.torch_backend.training.stage1 import run_stage1
 from backends.torch_backend.training.stage2 import Stage2Options, run_stage2
 from fluid_app.data import build_examples, read_conversations
@@ -271,6 +271,49 @@ def test_added_mask_token_checkpoint_loads_and_decodes(tiny_model_dir, chat_file
                        again.backend.model.get_output_embeddings().weight)
     ar = model.generate("Paris is", mode="ar", max_new_tokens=12)
     assert model.generate("Paris is", mode="fluid", max_new_tokens=12, k_min=1).token_ids == ar.token_ids
+
+
+def test_a_run_started_from_an_adapter_starts_where_that_adapter_ends(tiny_model_dir, chat_file, tmp_path, capsys):
+    """``--init-adapter``: the new adapter computes what the finished one does, through peft's own
+    loading, at the same rank and at a larger rank with another alpha / r (old factors in the
+    first ranks, the rest adding nothing yet, B rescaled); a run from it trains on from there."""
+    from peft import PeftModel
+
+    base = tiny_model_dir("llama")
+    first = tmp_path / "first"
+    run_stage1(_opts(base, chat_file, first, steps=6, lora_rank=4, lora_alpha=8))
+    ids = torch.tensor([[5, 9, 11, 7, 3, 12, 3, 3]])
+    with torch.no_grad():
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), first)(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base)(ids).logits
+    assert not torch.allclose(reference, plain, atol=1e-3)  # six steps moved the model: the check has teeth
+    for rank, alpha in ((4, 8), (16, 4)):
+        torch.manual_seed(1)
+        model = attach_lora(AutoModelForCausalLM.from_pretrained(base), rank=rank, alpha=alpha, dropout=0.0,
+                            mask_token_id=3, train_mask_embedding=False)
+        assert start_from_adapter(model, first, rank=rank, alpha=alpha) == len(
+            [k for k in load_file(str(first / "adapter_model.safetensors")) if ".lora_A." in k])
+        with torch.no_grad():
+            assert torch.allclose(model(ids).logits, reference, atol=1e-5), (rank, alpha)
+        extra_a = [m.lora_A["default"].weight[4:] for m in model.modules() if hasattr(m, "lora_A")
+                   and "default" in m.lora_A]
+        assert rank == 4 or all(a.abs().sum() > 0 for a in extra_a)  # new ranks can learn: A is not zero
+    # a run from it: after one step at a negligible learning rate it still computes the same
+    grown = tmp_path / "grown"
+    summary = run_stage1(_opts(base, chat_file, grown, steps=1, lr=1e-12, lora_rank=16, lora_alpha=4,
+                               init_adapter=str(first)))
+    assert summary["steps"] == 1
+    with torch.no_grad():
+        again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), grown)(ids).logits
+    assert torch.allclose(again, reference, atol=1e-5)
+    assert json.loads((grown / "fluid_config.json").read_text())["extra"]["stage1"]["init_adapter"] == str(first)
+    # refused with one line each: a smaller rank, a model without an adapter, and full fine-tuning
+    args = ["train", "stage1", "--base", str(base), "--data", str(chat_file), "--steps", "1", "--k-max", "4",
+            "--max-len", "64", "--device", "cpu", "--no-progress"]
+    for extra, words, out in ((["--lora-rank", "2", "--init-adapter", str(first)], "pass --lora-rank 4 or more", "a"),
+                              (["--init-adapter", str(base)], "has no LoRA adapter to start from", "b"),
+                              (["--full", "--init-adapter", str(first)], "drop --full or --init-adapter", "c")):
+        _assert_clean_error(_cli(capsys, *args, "--out", str(tmp_path / out), *extra), tmp_path / out, words)
 
 
 def test_grad_accumulation_and_checkpointing_take_the_same_steps(tiny_model_dir, chat_file, tmp_path):

@@ -73,18 +73,28 @@ def _plain(adapter_dir: Path) -> tuple[int, float, dict[str, tuple[str, str]]] |
     return (rank, scaling, pairs) if pairs else None
 
 
+def read_plain_lora(adapter_dir: Path) -> tuple[int, float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``(rank, scaling, {module: (A, B)})`` of the plain LoRA adapter in ``adapter_dir``, the
+    module names in the base model's key space; a one-line :class:`FluidError` for any other kind
+    of adapter. Training reads a finished adapter through here to start from it."""
+    plain = _plain(adapter_dir)
+    if plain is None:
+        raise FluidError(f"{adapter_dir} holds no plain LoRA adapter (LoRA matrices only, no DoRA, bias, "
+                         "patterns or extra trained modules); start from a FLUID LoRA checkpoint")
+    rank, scaling, names = plain
+    lora = _read(adapter_dir / ADAPTER_WEIGHTS)
+    return rank, scaling, {module: (lora[a], lora[b]) for module, (a, b) in names.items()}
+
+
 def merge_plain_lora(model: nn.Module, adapter_dir: Path) -> bool:
     """Fuse the adapter in ``adapter_dir`` into ``model`` in place; False if it is not plain.
 
     Raises :class:`FluidError` for an unreadable adapter file or one shaped for another base.
     """
-    plain = _plain(adapter_dir)
-    if plain is None:
+    if _plain(adapter_dir) is None:  # raises, as before, for a damaged weights file
         return False
-    rank, scaling, names = plain
+    rank, scaling, pairs = read_plain_lora(adapter_dir)
     layers = dict(model.named_modules())
-    lora = _read(adapter_dir / ADAPTER_WEIGHTS)
-    pairs = {module: (lora[a], lora[b]) for module, (a, b) in names.items()}
     targets = [layers.get(module) for module in pairs]
     if any(type(layer) is not nn.Linear or layer.weight.dtype != torch.float32 for layer in targets):
         return False

@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     one.add_argument("--lora-dropout", type=float, default=0.0)
     one.add_argument("--train-mask-embedding", action="store_true",
                      help="also train the MASK token's embedding row (always on when the token had to be added)")
+    one.add_argument("--init-adapter", metavar="MODEL", default=None,
+                     help="start from this FLUID LoRA checkpoint's adapter ('default' or a folder) instead of "
+                          "zero; a larger --lora-rank keeps it and adds capacity")
     one.add_argument("--mask-token-id", type=int, default=None, help="MASK token id (default: an unused special token)")
     one.add_argument("--ar-loss", choices=["ce", "kl"], default="ce",
                      help="main-token loss: ce on the labels (the method), or kl to the frozen base model's "

@@ -10,17 +10,20 @@ that is what makes gradient accumulation and any number of ranks give the same u
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fluid_app.errors import FluidError
 from fluid_app.hf_config import context_length
 from fluid_app.layout import IGNORE_INDEX
 from fluid_app.model_refs import ModelSpec
 
 from ..loader import ensure_mask_token, load_pretrained
+from ..lora_merge import PREFIX, read_plain_lora
 
 
 @dataclass
@@ -53,6 +56,40 @@ def attach_lora(model: Any, *, rank: int, alpha: int, dropout: float, mask_token
                         task_type="CAUSAL_LM",
                         trainable_token_indices=[mask_token_id] if train_mask_embedding else None)
     return get_peft_model(model, config)
+
+
+def start_from_adapter(model: Any, adapter_dir: Path, *, rank: int, alpha: int) -> int:
+    """Load a finished LoRA adapter into a freshly attached one; returns the layers loaded.
+
+    Why: a run that continues a shipped checkpoint on new data (or with more capacity) should
+    start where that checkpoint is, not at zero. A larger ``rank`` keeps the old factors in its
+    first ranks and leaves the new ones as peft made them (``A`` random, ``B`` zero), so the
+    model at step 0 computes exactly what the checkpoint computes and the extra ranks only add
+    room to learn. ``B`` is rescaled when the two ``alpha / r`` scalings differ, for the same
+    reason. The checkpoint must adapt exactly the layers this run adapts.
+    """
+    old_rank, old_scaling, pairs = read_plain_lora(adapter_dir)
+    if old_rank > rank:
+        raise FluidError(f"the adapter in {adapter_dir} has rank {old_rank}, more than --lora-rank {rank}; "
+                         f"pass --lora-rank {old_rank} or more", "lora_rank")
+    layers = {name.removeprefix(PREFIX): module for name, module in model.named_modules()
+              if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})}
+    if set(layers) != set(pairs):
+        missing, extra = sorted(set(layers) - set(pairs)), sorted(set(pairs) - set(layers))
+        raise FluidError(f"the adapter in {adapter_dir} does not adapt the layers this run trains "
+                         f"(not in it: {missing[:3]}; only in it: {extra[:3]}); start from an adapter "
+                         "trained on this base with LoRA on every linear layer")
+    scale = old_scaling / (alpha / rank)
+    with torch.no_grad():
+        for name, (a, b) in pairs.items():
+            new_a, new_b = layers[name].lora_A["default"].weight, layers[name].lora_B["default"].weight
+            if a.shape[1] != new_a.shape[1] or b.shape[0] != new_b.shape[0]:
+                raise FluidError(f"the adapter in {adapter_dir} does not fit this base model ({name}); "
+                                 "start from an adapter trained on the same base")
+            new_a[:old_rank].copy_(a.to(new_a.dtype))
+            new_b[:, :old_rank].copy_((b.float() * scale).to(new_b.dtype))
+            new_b[:, old_rank:].zero_()
+    return len(pairs)
 
 
 def causal_lm(model: Any):

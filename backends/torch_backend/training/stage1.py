@@ -19,7 +19,7 @@ import torch
 from fluid_app.errors import FluidError
 from fluid_app.fluid_config import CONFIG_FILENAME, FluidConfig
 from fluid_app.layout import IGNORE_INDEX
-from fluid_app.model_refs import resolve_model
+from fluid_app.model_refs import ModelSpec, resolve_model
 
 from . import checkpoint as ckpt
 from .collate import LayoutOptions, collate, make_layouts
@@ -27,7 +27,7 @@ from .distributed import Dist, wrap
 from .evaluate import DraftEvaluator, held_out_examples
 from .loop import Plan, Step, check_max_len, cosine_scheduler, plan_steps, run_stage, run_steps
 from .masks import build_attention_mask
-from .model import AR_LOSSES, FluidLossModule, LoadedBase, attach_lora, causal_lm, load_base
+from .model import AR_LOSSES, FluidLossModule, LoadedBase, attach_lora, causal_lm, load_base, start_from_adapter
 from .options import fill_fluid_defaults
 
 LOG_FILE = "train_log.jsonl"
@@ -43,6 +43,7 @@ class Stage1Options:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     train_mask_embedding: bool = False
+    init_adapter: str | None = None  # a FLUID LoRA checkpoint whose adapter the run starts from
     ar_loss: str = "ce"  # ce: labels (the method) | kl: the frozen base's distribution (keeps perplexity)
     ar_weight: float = 1.0  # weight of the main-token loss; 1.0 is the method's plain sum L_AR + L_Diff
     mask_token_id: int | None = None
@@ -94,6 +95,9 @@ class Stage1Options:
             raise FluidError(f"ar_weight must be 0 or more (got {self.ar_weight})", "ar_weight")
         if self.ar_loss not in AR_LOSSES:
             raise FluidError(f"unknown ar_loss {self.ar_loss!r}; use {' or '.join(AR_LOSSES)}", "ar_loss")
+        if self.init_adapter is not None and self.full:
+            raise FluidError("init_adapter starts a LoRA adapter from a checkpoint's; full fine-tuning trains "
+                             "no adapter: drop --full or --init-adapter", "init_adapter", "full")
         if self.ar_loss == "kl" and self.full:
             raise FluidError("ar_loss 'kl' distils the frozen base (the LoRA adapter switched off), which full "
                              "fine-tuning has not got; train a LoRA adapter or use ar_loss 'ce'", "ar_loss", "full")
@@ -164,7 +168,8 @@ def _train(opts: Stage1Options, env: Dist, started: float) -> dict[str, Any]:
     plan = plan_steps(opts, base.tokenizer, env, per_rank=opts.batch_size * opts.grad_accum,
                       batch_flags="--batch-size/--grad-accum")
     resume = _check_resume(opts, out, plan.global_batch)
-    run = _Stage1Run.build(opts, env, base, plan, out, "flex" if use_flex else "sdpa")
+    start_adapter = _start_adapter(opts, spec, base) if opts.init_adapter is not None and resume is None else None
+    run = _Stage1Run.build(opts, env, base, plan, out, "flex" if use_flex else "sdpa", start_adapter)
     if opts.eval_every:
         run.evaluator = _evaluator(opts, env, base, run.attn_kind)
     start = 0
@@ -183,6 +188,23 @@ def _train(opts: Stage1Options, env: Dist, started: float) -> dict[str, Any]:
         run.export_final()
     return {"steps": done, "total_steps": plan.total, "last": last, "eval": run.last_eval, "out": str(out),
             "examples": len(plan.examples), "rank": env.rank}
+
+
+def _start_adapter(opts: Stage1Options, spec: ModelSpec, base: LoadedBase) -> Path:
+    """The adapter folder of ``--init-adapter``'s checkpoint, checked to belong to this run's base
+    model and MASK token (its drafts were learned for that token)."""
+    start = resolve_model(opts.init_adapter)
+    if start.adapter is None:
+        raise FluidError(f"{opts.init_adapter} has no LoRA adapter to start from; pass a FLUID LoRA checkpoint "
+                         "('default', or a folder that Stage I or fluid export wrote)", "init_adapter")
+    if start.base != spec.base:
+        raise FluidError(f"{opts.init_adapter} adapts {start.base}, not this run's base {spec.base}; pass its "
+                         "base as --base", "init_adapter", "base")
+    mask = start.fluid_config.mask_token_id if start.fluid_config is not None else None
+    if mask is not None and mask != base.mask_token_id:
+        raise FluidError(f"{opts.init_adapter} drafts with MASK token {mask}, this run with {base.mask_token_id}; "
+                         f"pass --mask-token-id {mask}", "init_adapter", "mask_token_id")
+    return start.adapter
 
 
 def _evaluator(opts: Stage1Options, env: Dist, base: LoadedBase, attn_kind: str) -> DraftEvaluator:
@@ -223,8 +245,9 @@ class _Stage1Run:
 
     @classmethod
     def build(cls, opts: Stage1Options, env: Dist, base: LoadedBase, plan: Plan, out: Path,
-              attn_kind: str) -> "_Stage1Run":
-        """The model to train (LoRA or full, seeded), wrapped for DDP/FSDP, its optimizer and schedule."""
+              attn_kind: str, start_adapter: Path | None = None) -> "_Stage1Run":
+        """The model to train (LoRA or full, seeded; the adapter from ``start_adapter`` when given),
+        wrapped for DDP/FSDP, its optimizer and schedule."""
         torch.manual_seed(opts.seed)
         model = base.model
         if opts.full:
@@ -233,6 +256,8 @@ class _Stage1Run:
             model = attach_lora(model, rank=opts.lora_rank, alpha=opts.lora_alpha, dropout=opts.lora_dropout,
                                 mask_token_id=base.mask_token_id,
                                 train_mask_embedding=opts.train_mask_embedding or base.added_mask_token)
+            if start_adapter is not None:
+                start_from_adapter(model, start_adapter, rank=opts.lora_rank, alpha=opts.lora_alpha)
         if opts.gradient_checkpointing:
             causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(env.device)
