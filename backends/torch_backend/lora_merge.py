@@ -81,6 +81,12 @@ def read_plain_lora(adapter_dir: Path) -> tuple[int, float, dict[str, tuple[torc
     if plain is None:
         raise FluidError(f"{adapter_dir} holds no plain LoRA adapter (LoRA matrices only, no DoRA, bias, "
                          "patterns or extra trained modules); start from a FLUID LoRA checkpoint")
+    return _with_tensors(adapter_dir, plain)
+
+
+def _with_tensors(adapter_dir: Path, plain: tuple[int, float, dict[str, tuple[str, str]]]
+                  ) -> tuple[int, float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """:func:`_plain`'s answer with each module's tensor names replaced by the tensors."""
     rank, scaling, names = plain
     lora = _read(adapter_dir / ADAPTER_WEIGHTS)
     return rank, scaling, {module: (lora[a], lora[b]) for module, (a, b) in names.items()}
@@ -91,9 +97,10 @@ def merge_plain_lora(model: nn.Module, adapter_dir: Path) -> bool:
 
     Raises :class:`FluidError` for an unreadable adapter file or one shaped for another base.
     """
-    if _plain(adapter_dir) is None:  # raises, as before, for a damaged weights file
+    plain = _plain(adapter_dir)
+    if plain is None:
         return False
-    rank, scaling, pairs = read_plain_lora(adapter_dir)
+    rank, scaling, pairs = _with_tensors(adapter_dir, plain)
     layers = dict(model.named_modules())
     targets = [layers.get(module) for module in pairs]
     if any(type(layer) is not nn.Linear or layer.weight.dtype != torch.float32 for layer in targets):

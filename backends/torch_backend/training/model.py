@@ -73,7 +73,7 @@ def start_from_adapter(model: Any, adapter_dir: Path, *, rank: int, alpha: int) 
         raise FluidError(f"the adapter in {adapter_dir} has rank {old_rank}, more than --lora-rank {rank}; "
                          f"pass --lora-rank {old_rank} or more", "lora_rank")
     layers = {name.removeprefix(PREFIX): module for name, module in model.named_modules()
-              if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})}
+              if "default" in getattr(module, "lora_A", {})}
     if set(layers) != set(pairs):
         missing, extra = sorted(set(layers) - set(pairs)), sorted(set(pairs) - set(layers))
         raise FluidError(f"the adapter in {adapter_dir} does not adapt the layers this run trains "
@@ -83,7 +83,7 @@ def start_from_adapter(model: Any, adapter_dir: Path, *, rank: int, alpha: int) 
     with torch.no_grad():
         for name, (a, b) in pairs.items():
             new_a, new_b = layers[name].lora_A["default"].weight, layers[name].lora_B["default"].weight
-            if a.shape[1] != new_a.shape[1] or b.shape[0] != new_b.shape[0]:
+            if a.shape != (old_rank, new_a.shape[1]) or b.shape != (new_b.shape[0], old_rank):
                 raise FluidError(f"the adapter in {adapter_dir} does not fit this base model ({name}); "
                                  "start from an adapter trained on the same base")
             new_a[:old_rank].copy_(a.to(new_a.dtype))
