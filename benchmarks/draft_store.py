@@ -1,8 +1,9 @@
 """What the draft store is worth: AR, FLUID without the store, FLUID with it, in one process.
 
 A shared machine's speed drifts by more than the effect, so the three settings run on each
-prompt in turn, their order rotating from prompt to prompt, and each setting's tokens/s is
-its total tokens over its total seconds. Prints one line per setting (tokens, forwards,
+prompt in turn, their order rotating from prompt to prompt (``fluid bench``'s own loop, with
+the store-less run as a ``--variant``), and each setting's tokens/s is its total tokens over
+its total seconds. Prints one line per setting (tokens, forwards,
 tokens/s, speedup over AR, TPF, whether greedy outputs equal AR's, drafts kept per source)
 and a JSON line with the ratios.
 
@@ -21,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fluid_app  # noqa: E402
-from fluid_app.bench import read_prompts  # noqa: E402
+from fluid_app.bench import read_prompts, run_bench  # noqa: E402
 
-SETTINGS = [("ar", {"mode": "ar"}), ("fluid, no store", {"draft_store": False}), ("fluid + store", {})]
+NO_STORE = {"draft_store": False}
 
 
 def main() -> None:
@@ -40,27 +41,20 @@ def main() -> None:
     if model.draft_store is None:
         sys.exit(f"error: {args.model} has no draft store; pass a checkpoint with draft_store.npz")
     prompts = read_prompts(args.prompts)[:: args.every]
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
-    totals = {name: {"tokens": 0, "seconds": 0.0, "forwards": 0, "outputs": [], "drafts": {}} for name, _ in SETTINGS}
-    model.generate(prompts[0], chat=True, max_new_tokens=8)  # warm-up
-    for i, prompt in enumerate(prompts):
-        for name, options in SETTINGS[i % 3:] + SETTINGS[: i % 3]:
-            out = model.generate(prompt, chat=True, max_new_tokens=args.max_new_tokens, **sampling, **options)
-            total = totals[name]
-            total["tokens"] += out.new_tokens
-            total["seconds"] += out.seconds
-            total["forwards"] += out.forwards
-            total["outputs"].append(out.token_ids)
-            for source, counts in out.drafts.items():
-                kept = total["drafts"].setdefault(source, [0, 0])
-                kept[0] += counts["accepted"]
-                kept[1] += counts["proposed"]
-    speed = {name: t["tokens"] / t["seconds"] for name, t in totals.items()}
-    for name, t in totals.items():
-        same = "" if args.temperature else f" identical={t['outputs'] == totals['ar']['outputs']}"
-        drafts = " ".join(f"{s} {a}/{p}" for s, (a, p) in t["drafts"].items() if p)
-        print(f"{name:16s} tokens {t['tokens']:6d} forwards {t['forwards']:6d} {speed[name]:7.2f} tok/s "
-              f"{speed[name] / speed['ar']:.3f}x TPF {t['tokens'] / t['forwards']:.3f}{same} {drafts}")
+    report = run_bench(model, prompts, chat=True, modes=("ar", "fluid"), variants=[NO_STORE],
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       seed=args.seed)
+    names = {"ar": "ar", "fluid, no store": "fluid draft_store=false", "fluid + store": "fluid"}
+    speed = {name: report["modes"][run]["tokens_per_s"] for name, run in names.items()}
+    for name, run in names.items():
+        totals, drafts = report["modes"][run], report["drafts"].get(run, {})
+        same = ""
+        if not args.temperature and run != "ar":
+            mismatches = report["mismatches"] if run == "fluid" else report["fixed_horizons"][run]["mismatches"]
+            same = f" identical={mismatches == 0}"
+        kept = " ".join(f"{s} {r['accepted']}/{r['proposed']}" for s, r in drafts.items() if r["proposed"])
+        print(f"{name:16s} tokens {totals['tokens']:6d} forwards {totals['forwards']:6d} {speed[name]:7.2f} tok/s "
+              f"{speed[name] / speed['ar']:.3f}x TPF {totals['tokens_per_forward']:.3f}{same} {kept}")
     print(json.dumps({"prompts": len(prompts),
                       "speedup_without_store": round(speed["fluid, no store"] / speed["ar"], 3),
                       "speedup_with_store": round(speed["fluid + store"] / speed["ar"], 3),

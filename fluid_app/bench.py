@@ -100,14 +100,44 @@ def check_horizons(horizons: Sequence[str]) -> list[str]:
     return list(horizons)
 
 
+# What a bench variant may change: FLUID's own knobs, never the text asked for (prompt, length, sampling)
+VARIANT_OPTIONS = ("k_min", "k_max", "threshold", "prompt_lookup_num_tokens", "draft_store", "sample_drafts")
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """``"k_min=4,threshold=0.7"`` -> ``{"k_min": 4, "threshold": 0.7}``: one more FLUID run of a bench.
+
+    Values are JSON scalars (``4``, ``0.7``, ``false``); the keys are :data:`VARIANT_OPTIONS`.
+    Their values are checked with the rest of the decoding settings, before any decoding."""
+    fix = f"write KEY=VALUE[,KEY=VALUE...] with keys from {', '.join(VARIANT_OPTIONS)}, e.g. k_min=4,threshold=0.7"
+    variant: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",")):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in VARIANT_OPTIONS or not value:
+            raise FluidError(f"bad variant {text!r} at {item!r}; {fix}", "variant")
+        try:
+            variant[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise FluidError(f"bad variant {text!r}: {value!r} is not a number or true/false; {fix}",
+                             "variant") from None
+    return variant
+
+
+def variant_name(variant: dict[str, Any]) -> str:
+    return "fluid " + ",".join(f"{key}={json.dumps(value)}" for key, value in variant.items())
+
+
 def bench_runs(settings: DecodeSettings, modes: Sequence[str], horizons: Sequence[str],
-               options: dict[str, Any], compare_drafts: bool = False) -> dict[str, tuple[str, dict[str, Any]]]:
+               options: dict[str, Any], compare_drafts: bool = False,
+               variants: Sequence[dict[str, Any]] = ()) -> dict[str, tuple[str, dict[str, Any]]]:
     """Name -> (mode, decode options) of every run of a bench.
 
     ``horizons`` adds FLUID runs with the block size pinned at ``k_max`` or ``k_min`` (the
     K-head ignored), the ablation that shows what the K-head's choice is worth. When
     sampling, ``reference`` (greedy only) is left out, and ``compare_drafts`` adds a FLUID run
     whose mask drafts are their argmax (point masses) instead of draws from their distribution.
+    Each of ``variants`` (see :func:`parse_variant`) adds a FLUID run with those options changed:
+    how decoding defaults are chosen, against AR in the same run.
     """
     horizons = check_horizons(horizons or ("k-head",))
     runs: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -125,26 +155,37 @@ def bench_runs(settings: DecodeSettings, modes: Sequence[str], horizons: Sequenc
             else:
                 k = settings.k_max if horizon == "k-max" else settings.k_min
                 runs[f"fluid k={k}"] = ("fluid", {**options, "k_min": k, "k_max": k})
+        for variant in variants:
+            runs[variant_name(variant)] = ("fluid", {**options, **variant})
     return runs
 
 
 def run_bench(model: FluidModel, prompts: Sequence[str], *, chat: bool = False,
               modes: Sequence[str] = MODES, horizons: Sequence[str] = ("k-head",), compare_drafts: bool = False,
-              **options: Any) -> dict[str, Any]:
-    """Run every mode (and horizon policy) on every prompt; return totals and the comparisons.
+              variants: Sequence[dict[str, Any]] = (), **options: Any) -> dict[str, Any]:
+    """Run every mode (and horizon policy, and variant) on every prompt; return totals and the comparisons.
 
-    Greedy runs are compared token for token (``identical``). Sampled runs cannot be: their
+    The runs take turns on each prompt, their order rotating from one prompt to the next, so
+    a machine whose speed drifts (another process, heat) slows every run alike. Greedy runs
+    are compared token for token (``identical``). Sampled runs cannot be: their
     ``distribution_check`` compares what FLUID and AR sampled instead (see
     :func:`distribution_check`).
     """
     settings = model.settings(**{k: v for k, v in options.items() if k != "max_new_tokens"})
-    runs = bench_runs(settings, modes, horizons, options, compare_drafts)
+    runs = bench_runs(settings, modes, horizons, options, compare_drafts, variants)
+    for variant in variants:  # a bad value fails here, before any decoding, naming the variant
+        try:
+            model.settings(**{k: v for k, v in {**options, **variant}.items() if k != "max_new_tokens"})
+        except FluidError as exc:
+            raise FluidError(f"variant {variant_name(variant)[6:]!r}: {exc.message}", "variant") from None
     sampling = settings.sampling
     for mode, run_options in runs.values():  # warm-up: first calls pay for allocation and kernel selection
         model.generate(prompts[0], chat=chat, mode=mode, **{**run_options, "max_new_tokens": 8})
     totals = {name: ModeTotals() for name in runs}
-    for prompt in _progress(prompts):
-        for name, (mode, run_options) in runs.items():
+    names = list(runs)
+    for i, prompt in enumerate(_progress(prompts)):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            mode, run_options = runs[name]
             out = model.generate(prompt, chat=chat, mode=mode, **run_options)
             t = totals[name]
             t.tokens += out.new_tokens
@@ -173,6 +214,7 @@ def run_bench(model: FluidModel, prompts: Sequence[str], *, chat: bool = False,
         report["reference_mismatches"] = _mismatches(totals["reference"], totals["ar"])
     fixed = [name for name in runs if name.startswith("fluid k=")]
     fixed += [name for name in runs if name == "fluid argmax drafts"]
+    fixed += [variant_name(variant) for variant in variants]
     if fixed and "ar" in totals:
         report["fixed_horizons"] = {
             name: {"speedup": round(tps[name] / tps["ar"], 3) if tps["ar"] else 0.0,

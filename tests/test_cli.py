@@ -75,9 +75,50 @@ def test_bench_runs_fixed_horizons_and_draws_the_plot(tiny_model_dir, tmp_path):
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".bench.png")]  # no temp file left
 
 
+def test_bench_variants_run_fluid_with_their_options(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Paris is", "Once upon", "def add"]) + "\n")
+    proc = run_cli("bench", "--model", str(tiny_model_dir("llama")), "--prompts", str(prompts), "--max-new-tokens", "12",
+                   "--modes", "ar,fluid", "--k-min", "3", "--k-max", "6", "--variant", "k_min=2, k_max=2",
+                   "--variant", "threshold=0.5,prompt_lookup_num_tokens=0,draft_store=false", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    two, other = "fluid k_min=2,k_max=2", "fluid threshold=0.5,prompt_lookup_num_tokens=0,draft_store=false"
+    assert set(report["modes"]) == {"ar", "fluid", two, other}
+    assert set(report["fixed_horizons"]) == {two, other}
+    assert all(v["mismatches"] == 0 and v["speedup"] > 0 for v in report["fixed_horizons"].values())
+    assert max(report["horizons"][two]) == 2 and max(report["horizons"]["fluid"]) > 2
+    assert report["drafts"][other]["lookup"]["proposed"] == 0
+
+
+def test_bench_runs_take_turns_first(tiny_model_dir):
+    """Each run goes first on some prompt, so a machine's drift does not favour one of them."""
+    import fluid_app
+    from fluid_app.bench import run_bench
+
+    model = fluid_app.load(str(tiny_model_dir("llama")))
+    calls: list[tuple[str, object]] = []
+    generate = model.generate
+
+    def recording(prompt, **options):
+        if options.get("max_new_tokens") != 8:  # not the warm-up
+            calls.append((prompt, (options["mode"], options.get("k_min"))))
+        return generate(prompt, **options)
+
+    model.generate = recording
+    prompts = ["Paris is", "Once upon", "def add"]
+    run_bench(model, prompts, modes=("ar", "fluid"), variants=[{"k_min": 2, "k_max": 2}], max_new_tokens=6)
+    firsts = [calls[3 * i][1] for i in range(3)]
+    assert [c[0] for c in calls] == [p for p in prompts for _ in range(3)]
+    assert sorted(firsts, key=str) == sorted([("ar", None), ("fluid", None), ("fluid", 2)], key=str)
+
+
 def test_bench_rejects_a_bad_plot_path_or_horizon_before_loading():
     for extra, needle in ((["--plot", "out.txt"], "ending in .png"), (["--plot", "/no/such/dir/x.png"], "does not exist"),
-                          (["--horizons", "k-head,longest"], "unknown horizon policy 'longest'")):
+                          (["--horizons", "k-head,longest"], "unknown horizon policy 'longest'"),
+                          (["--variant", "k_min"], "bad variant 'k_min'"),
+                          (["--variant", "temperature=1"], "keys from k_min, k_max, threshold"),
+                          (["--variant", "threshold=high"], "'high' is not a number or true/false")):
         proc = run_cli("bench", "--model", "/no/such/model", "--prompts", "benchmarks/sharegpt_heldout_10.jsonl", *extra)
         assert_one_line_error(proc, needle)
 
@@ -102,6 +143,9 @@ def test_bad_input_that_needs_the_model(tiny_model_dir):
     assert_one_line_error(proc, "outside the vocabulary")
     proc = run_cli("bench", "--model", model, "--prompts", "/no/prompts.jsonl")
     assert_one_line_error(proc, "not found")
+    proc = run_cli("bench", "--model", model, "--prompts", "benchmarks/sharegpt_heldout_10.jsonl",
+                   "--variant", "threshold=2")
+    assert_one_line_error(proc, "variant 'threshold=2': threshold", "(0, 1]", "(--variant)")
 
 
 def test_config_file_expands_to_flags_and_typed_flags_win(tmp_path):

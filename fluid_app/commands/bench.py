@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..bench import check_horizons, format_table, read_prompts, run_bench
+from ..bench import check_horizons, format_table, parse_variant, read_prompts, run_bench
 from ..errors import FluidError
 from ..sampler import MODES
 from . import add_decode_options, add_model_options, check_decode_options, decode_options, load_model
@@ -25,6 +25,10 @@ def register(subparsers) -> None:
     parser.add_argument("--compare-drafts", action="store_true",
                         help="when sampling, also run FLUID with argmax mask drafts (point masses) instead of "
                              "drafts sampled from their own distribution")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="also run FLUID with these options changed (k_min, k_max, threshold, "
+                             "prompt_lookup_num_tokens, draft_store, sample_drafts), e.g. k_min=4,threshold=0.7; "
+                             "repeat for more. How the decoding defaults are chosen")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="also draw per-prompt tokens per forward and the histogram of chosen horizons")
     parser.set_defaults(run=run)
@@ -39,13 +43,14 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not modes:
         raise FluidError(f"unknown mode {(unknown or [''])[0]!r}; use a comma-separated list of {', '.join(MODES)}",
                          "modes")
+    variants = [parse_variant(text) for text in args.variant]
     if args.plot:
         from ..bench_plot import check_plot_path
 
         check_plot_path(args.plot)
     model = load_model(args)
     report = run_bench(model, prompts, chat=args.chat, modes=modes, horizons=horizons,
-                       compare_drafts=args.compare_drafts,
+                       compare_drafts=args.compare_drafts, variants=variants,
                        **decode_options(args))
     if args.plot:
         from ..bench_plot import save_plot
