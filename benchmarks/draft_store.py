@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fluid_app  # noqa: E402
-from fluid_app.bench import read_prompts, run_bench  # noqa: E402
+from fluid_app.bench import read_prompts, run_bench, variant_name  # noqa: E402
 
 NO_STORE = {"draft_store": False}
 
@@ -44,7 +44,7 @@ def main() -> None:
     report = run_bench(model, prompts, chat=True, modes=("ar", "fluid"), variants=[NO_STORE],
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        seed=args.seed)
-    names = {"ar": "ar", "fluid, no store": "fluid draft_store=false", "fluid + store": "fluid"}
+    names = {"ar": "ar", "fluid, no store": variant_name(NO_STORE), "fluid + store": "fluid"}
     speed = {name: report["modes"][run]["tokens_per_s"] for name, run in names.items()}
     for name, run in names.items():
         totals, drafts = report["modes"][run], report["drafts"].get(run, {})

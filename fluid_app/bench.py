@@ -123,8 +123,14 @@ def parse_variant(text: str) -> dict[str, Any]:
     return variant
 
 
+def variant_text(variant: dict[str, Any]) -> str:
+    """``{"k_min": 4, "draft_store": False}`` -> ``"k_min=4,draft_store=false"``, as typed."""
+    return ",".join(f"{key}={json.dumps(value)}" for key, value in variant.items())
+
+
 def variant_name(variant: dict[str, Any]) -> str:
-    return "fluid " + ",".join(f"{key}={json.dumps(value)}" for key, value in variant.items())
+    """The variant's run in a bench report."""
+    return "fluid " + variant_text(variant)
 
 
 def bench_runs(settings: DecodeSettings, modes: Sequence[str], horizons: Sequence[str],
@@ -155,8 +161,8 @@ def bench_runs(settings: DecodeSettings, modes: Sequence[str], horizons: Sequenc
             else:
                 k = settings.k_max if horizon == "k-max" else settings.k_min
                 runs[f"fluid k={k}"] = ("fluid", {**options, "k_min": k, "k_max": k})
-        for variant in variants:
-            runs[variant_name(variant)] = ("fluid", {**options, **variant})
+    for variant in variants:  # asked for by name: run whatever --modes says
+        runs[variant_name(variant)] = ("fluid", {**options, **variant})
     return runs
 
 
@@ -177,7 +183,7 @@ def run_bench(model: FluidModel, prompts: Sequence[str], *, chat: bool = False,
         try:
             model.settings(**{k: v for k, v in {**options, **variant}.items() if k != "max_new_tokens"})
         except FluidError as exc:
-            raise FluidError(f"variant {variant_name(variant)[6:]!r}: {exc.message}", "variant") from None
+            raise FluidError(f"variant {variant_text(variant)!r}: {exc.message}", "variant") from None
     sampling = settings.sampling
     for mode, run_options in runs.values():  # warm-up: first calls pay for allocation and kernel selection
         model.generate(prompts[0], chat=chat, mode=mode, **{**run_options, "max_new_tokens": 8})

@@ -89,6 +89,10 @@ def test_bench_variants_run_fluid_with_their_options(tiny_model_dir, tmp_path):
     assert all(v["mismatches"] == 0 and v["speedup"] > 0 for v in report["fixed_horizons"].values())
     assert max(report["horizons"][two]) == 2 and max(report["horizons"]["fluid"]) > 2
     assert report["drafts"][other]["lookup"]["proposed"] == 0
+    only_ar = run_cli("bench", "--model", str(tiny_model_dir("llama")), "--prompts", str(prompts), "--max-new-tokens",
+                      "6", "--modes", "ar", "--variant", "k_min=2,k_max=2", "--json")
+    assert only_ar.returncode == 0, only_ar.stderr  # a variant is a FLUID run whatever --modes names
+    assert set(json.loads(only_ar.stdout)["fixed_horizons"]) == {two}
 
 
 def test_bench_runs_take_turns_first(tiny_model_dir):
