@@ -182,6 +182,10 @@ CASES = {
                                              "--data", _file(t, "d.jsonl", json.dumps(CHAT) + "\n"),
                                              "--ar-loss", "kl", "--full"],
                                ("ar_loss 'kl' distils the frozen base", "(--ar-loss, --full)")),
+    "train-mask-loss-in-config": Case(lambda c, t: ["train", "stage1", "--base", str(c.base), "--out", str(t / "out"),
+                                                    "--data", _file(t, "d.jsonl", json.dumps(CHAT) + "\n"),
+                                                    "--config", _file(t, "c.json", '{"mask_loss": "soft"}')],
+                                      ("argument --mask-loss: invalid choice: 'soft'",)),
     "distill-data-not-utf8": Case(_distill(data=lambda t: _file(t, "d.jsonl", b"\xef\xbb\xbf\xff\n")),
                                   ("d.jsonl is not UTF-8 text", "line 1", "(--data)")),
     "eval-ppl-sharegpt-not-utf8": Case(

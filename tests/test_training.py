@@ -82,10 +82,9 @@ def test_stage1_loss_equals_brute_force_rule(tiny_model_dir, chat_file):
     assert float(s_ar / n_ar) == pytest.approx(float(plain), rel=1e-5)
 
 
-def test_kl_ar_loss_is_soft_cross_entropy_against_the_adapter_free_model(tiny_model_dir, chat_file):
-    """``--ar-loss kl``: main tokens learn the frozen base's next-token distribution. Checked
-    against a plain causal forward of the unexpanded example, for the masks-last layout (the
-    prefix shortcut) and the interleaved one (the full expanded pass)."""
+def _example_and_random_adapter(tiny_model_dir, chat_file):
+    """A tiny llama's tokenizer, one chat example, and a LoRA model whose B factors are random,
+    so the adapted model differs from its base."""
     from backends.torch_backend.training.model import attach_lora
 
     folder = tiny_model_dir("llama")
@@ -97,7 +96,26 @@ def test_kl_ar_loss_is_soft_cross_entropy_against_the_adapter_free_model(tiny_mo
     with torch.no_grad():
         for name, param in lora.named_parameters():
             if "lora_B" in name:
-                param.normal_(0.0, 0.05)  # a non-trivial adapter: adapted != base
+                param.normal_(0.0, 0.05)
+    return tokenizer, example, lora
+
+
+def _both_layouts(tokenizer, example):
+    """The example expanded masks-last and interleaved: each layout, its batch and the loss
+    module's arguments."""
+    kwargs = dict(mask_token_id=3, k_max=4, vocab_size=len(tokenizer), special_ids=tokenizer.all_special_ids)
+    for masks_last in (True, False):
+        layout = build_layout(example.input_ids, example.labels, rng=np.random.default_rng(5),
+                              masks_last=masks_last, **kwargs)
+        batch = collate([layout], tokenizer.pad_token_id)
+        yield layout, batch, (batch.input_ids, batch.position_ids, sdpa_mask(batch), batch.labels, batch.is_mask)
+
+
+def test_kl_ar_loss_is_soft_cross_entropy_against_the_adapter_free_model(tiny_model_dir, chat_file):
+    """``--ar-loss kl``: main tokens learn the frozen base's next-token distribution. Checked
+    against a plain causal forward of the unexpanded example, for the masks-last layout (the
+    prefix shortcut) and the interleaved one (the full expanded pass)."""
+    tokenizer, example, lora = _example_and_random_adapter(tiny_model_dir, chat_file)
     ids = torch.tensor([example.input_ids])
     scored = torch.tensor([label != IGNORE_INDEX for label in example.labels[1:]])
     with torch.no_grad():
@@ -108,12 +126,7 @@ def test_kl_ar_loss_is_soft_cross_entropy_against_the_adapter_free_model(tiny_mo
     hard = float(torch.nn.functional.cross_entropy(adapted, ids[0, 1:][scored], reduction="sum"))
     assert abs(expected - hard) > 1e-3  # the two losses differ, so the check below can fail
 
-    kwargs = dict(mask_token_id=3, k_max=4, vocab_size=len(tokenizer), special_ids=tokenizer.all_special_ids)
-    for masks_last in (True, False):
-        layout = build_layout(example.input_ids, example.labels, rng=np.random.default_rng(5),
-                              masks_last=masks_last, **kwargs)
-        batch = collate([layout], tokenizer.pad_token_id)
-        args = (batch.input_ids, batch.position_ids, sdpa_mask(batch), batch.labels, batch.is_mask)
+    for _, _, args in _both_layouts(tokenizer, example):
         s_ar, s_diff, n_ar, _ = FluidLossModule(lora, ar_loss="kl")(*args)
         ce_ar, ce_diff, _, _ = FluidLossModule(lora, ar_loss="ce")(*args)
         assert int(n_ar) == int(scored.sum())
@@ -122,6 +135,43 @@ def test_kl_ar_loss_is_soft_cross_entropy_against_the_adapter_free_model(tiny_mo
         assert float(s_diff) == pytest.approx(float(ce_diff), rel=1e-6)
         s_ar.backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.named_parameters() if "lora_" in n)
+        lora.zero_grad()
+
+
+def test_kl_mask_loss_is_soft_cross_entropy_against_the_main_token_at_that_position(tiny_model_dir, chat_file):
+    """``--mask-loss kl``: each labelled mask slot learns the model's own next-token
+    distribution at the main token of its position (the ``p`` a sampled draft is verified
+    against). Checked slot by slot against the expanded forward's logits, for both layouts;
+    the gradient reaches the slots only (the target is detached)."""
+    tokenizer, example, lora = _example_and_random_adapter(tiny_model_dir, chat_file)
+    for layout, batch, args in _both_layouts(tokenizer, example):
+        logits = lora(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                      attention_mask=sdpa_mask(batch)).logits[0].double()
+        main_at = {int(layout.position_ids[i]): i for i in range(len(layout)) if not layout.is_mask[i]}
+        expected, hard, slots = 0.0, 0.0, 0
+        for i in range(len(layout)):
+            if layout.is_mask[i] and layout.labels[i] != IGNORE_INDEX:
+                target = logits[main_at[int(layout.position_ids[i])]].softmax(-1).detach()
+                expected = expected - (target * logits[i].log_softmax(-1)).sum()
+                hard -= float(logits[i].log_softmax(-1)[int(layout.labels[i])])
+                slots += 1
+        assert slots > 0 and abs(float(expected) - hard) > 1e-3  # soft and hard differ, so the check can fail
+        lora.zero_grad()
+        expected.backward()
+        want = {n: p.grad.double() for n, p in lora.named_parameters() if "lora_" in n and p.grad is not None}
+        assert want and any(g.abs().sum() > 0 for g in want.values())
+        lora.zero_grad()
+        s_ar, s_diff, _, n_diff = FluidLossModule(lora, mask_loss="kl")(*args)
+        ce_ar, ce_diff, _, _ = FluidLossModule(lora, mask_loss="ce")(*args)
+        assert int(n_diff) == slots
+        assert float(s_diff) == pytest.approx(float(expected), rel=1e-5)
+        assert float(ce_diff) == pytest.approx(hard, rel=1e-5)
+        assert float(s_ar) == float(ce_ar)  # main tokens keep their own loss
+        s_diff.backward()  # the same gradient: none flows into the main tokens' target
+        for name, param in lora.named_parameters():
+            if name in want:
+                assert torch.allclose(param.grad.double(), want[name], rtol=1e-3,
+                                      atol=1e-4 * float(want[name].abs().max())), name
         lora.zero_grad()
 
 

@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     one.add_argument("--ar-loss", choices=["ce", "kl"], default="ce",
                      help="main-token loss: ce on the labels (the method), or kl to the frozen base model's "
                           "next-token distribution (keeps AR perplexity when training on self-distilled data)")
+    one.add_argument("--mask-loss", choices=["ce", "kl"], default="ce",
+                     help="mask-slot loss: ce on the labels (the method), or kl to the model's own next-token "
+                          "distribution at that position (what a sampled draft is verified against)")
     one.add_argument("--ar-weight", type=float, default=1.0,
                      help="weight of the main-token loss against the mask loss (1: the method's plain sum)")
     one.add_argument("--k-max", type=int, default=None,

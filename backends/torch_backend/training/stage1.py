@@ -27,7 +27,16 @@ from .distributed import Dist, wrap
 from .evaluate import DraftEvaluator, held_out_examples
 from .loop import Plan, Step, check_max_len, cosine_scheduler, plan_steps, run_stage, run_steps
 from .masks import build_attention_mask
-from .model import AR_LOSSES, FluidLossModule, LoadedBase, attach_lora, causal_lm, load_base, start_from_adapter
+from .model import (
+    AR_LOSSES,
+    MASK_LOSSES,
+    FluidLossModule,
+    LoadedBase,
+    attach_lora,
+    causal_lm,
+    load_base,
+    start_from_adapter,
+)
 from .options import fill_fluid_defaults
 
 LOG_FILE = "train_log.jsonl"
@@ -46,6 +55,7 @@ class Stage1Options:
     init_adapter: str | None = None  # a FLUID LoRA checkpoint whose adapter the run starts from
     ar_loss: str = "ce"  # ce: labels (the method) | kl: the frozen base's distribution (keeps perplexity)
     ar_weight: float = 1.0  # weight of the main-token loss; 1.0 is the method's plain sum L_AR + L_Diff
+    mask_loss: str = "ce"  # ce: labels (the method) | kl: the model's own next-token distribution there
     mask_token_id: int | None = None
     k_max: int | None = None  # None: FluidConfig's (so for the next three)
     k_min: int | None = None
@@ -95,6 +105,8 @@ class Stage1Options:
             raise FluidError(f"ar_weight must be 0 or more (got {self.ar_weight})", "ar_weight")
         if self.ar_loss not in AR_LOSSES:
             raise FluidError(f"unknown ar_loss {self.ar_loss!r}; use {' or '.join(AR_LOSSES)}", "ar_loss")
+        if self.mask_loss not in MASK_LOSSES:
+            raise FluidError(f"unknown mask_loss {self.mask_loss!r}; use {' or '.join(MASK_LOSSES)}", "mask_loss")
         if self.init_adapter is not None and self.full:
             raise FluidError("init_adapter starts a LoRA adapter from a checkpoint's; full fine-tuning trains "
                              "no adapter: drop --full or --init-adapter", "init_adapter", "full")
@@ -261,7 +273,7 @@ class _Stage1Run:
         if opts.gradient_checkpointing:
             causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(env.device)
-        module = FluidLossModule(model, ar_loss=opts.ar_loss)
+        module = FluidLossModule(model, ar_loss=opts.ar_loss, mask_loss=opts.mask_loss)
         module.train()
         wrapped = wrap(module, env, fsdp=opts.fsdp, bf16=opts.bf16)
         params = [p for p in module.parameters() if p.requires_grad]
