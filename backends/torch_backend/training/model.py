@@ -154,16 +154,18 @@ class FluidLossModule(nn.Module):
             return torch.cat([head(rows[i:i + TOP1_CHUNK]).argmax(-1) for i in range(0, rows.shape[0], TOP1_CHUNK)]) \
                 if rows.shape[0] else torch.zeros(0, dtype=torch.long, device=rows.device)
         logits = head(hidden[selected]).float()
-        losses = F.cross_entropy(logits, labels[selected], reduction="none")
         on_mask = is_mask[selected]
-        ar_losses, mask_losses = losses[~on_mask], losses[on_mask]
-        if self.mask_loss == "kl":
-            own = F.softmax(logits[~on_mask].detach(), dim=-1)
-            rows = _main_rows_of_masks(position_ids, is_mask, selected)
-            mask_losses = -(own[rows] * F.log_softmax(logits[on_mask], dim=-1)).sum(-1)
+        main_logits, mask_logits = logits[~on_mask], logits[on_mask]
         if self.ar_loss == "kl":
             targets = self._base_probabilities(input_ids, position_ids, attention_mask, is_mask, selected & ~is_mask)
-            ar_losses = -(targets * F.log_softmax(logits[~on_mask], dim=-1)).sum(-1)
+            ar_losses = _soft_cross_entropy(targets, main_logits)
+        else:
+            ar_losses = F.cross_entropy(main_logits, labels[selected & ~is_mask], reduction="none")
+        if self.mask_loss == "kl":
+            own = F.softmax(main_logits.detach(), dim=-1)
+            mask_losses = _soft_cross_entropy(own[_main_rows_of_masks(position_ids, is_mask, selected)], mask_logits)
+        else:
+            mask_losses = F.cross_entropy(mask_logits, labels[selected & is_mask], reduction="none")
         return (ar_losses.sum(), mask_losses.sum(),
                 (~on_mask).sum(), on_mask.sum())
 
@@ -187,6 +189,12 @@ class FluidLossModule(nn.Module):
                 chosen = main_selected
             head = causal_lm(self.model).get_output_embeddings()
             return F.softmax(head(hidden[chosen]).float(), dim=-1)
+
+
+def _soft_cross_entropy(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per row, the cross-entropy of ``logits`` against the distribution ``targets``: what the
+    two ``kl`` losses compute (the KL up to the targets' own entropy, a constant)."""
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1)
 
 
 def _main_rows_of_masks(position_ids: torch.Tensor, is_mask: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
