@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 
 import numpy as np
 
+from .branches import chain, fallback_parents, is_chain
 from .events import Event
 from .protocol import Backend, DecodeSession, StepOutput
 
@@ -145,7 +146,7 @@ class FusedBatch:
         if not self.lanes:
             return
         mask = self.backend.mask_token_id if self.backend.mask_token_id is not None else 0
-        wanted = [1 + len(lane.window.slots) for lane in self.lanes]
+        wanted = [lane.window.width for lane in self.lanes]
         widths = allocate(wanted, self.token_budget)
         for lane, want, width in zip(self.lanes, wanted, widths):
             if width < want:
@@ -155,9 +156,12 @@ class FusedBatch:
                     yield lane.decoder, lane.window.as_draft(lane.row, lane.decoder.results[lane.row].forwards)
         self.fed = [(lane.decoder, lane.row, width) for lane, width in zip(self.lanes, widths)]
         feed = np.full((len(self.lanes), max(widths)), mask, dtype=np.int64)
+        parents = np.tile(chain(max(widths)), (len(self.lanes), 1))  # padding follows the row's last token
         for i, (lane, width) in enumerate(zip(self.lanes, widths)):
-            feed[i, :width] = [lane.window.pending] + [mask if t is None else t for t in lane.window.slots]
-        out = self.session.forward(feed)
+            window = lane.window
+            feed[i, : width - window.fallback] = [window.pending] + [mask if t is None else t for t in window.slots]
+            parents[i, :width] = fallback_parents(width - window.fallback, window.fallback)
+        out = self.session.forward(feed) if is_chain(parents) else self.session.forward(feed, parents)
         self.forwards += 1
         self.rows_fed += len(self.lanes)
         self.tokens_fed += feed.size

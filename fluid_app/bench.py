@@ -101,7 +101,8 @@ def check_horizons(horizons: Sequence[str]) -> list[str]:
 
 
 # What a bench variant may change: FLUID's own knobs, never the text asked for (prompt, length, sampling)
-VARIANT_OPTIONS = ("k_min", "k_max", "threshold", "prompt_lookup_num_tokens", "draft_store", "sample_drafts")
+VARIANT_OPTIONS = ("k_min", "k_max", "threshold", "prompt_lookup_num_tokens", "fallback_masks", "draft_store",
+                   "sample_drafts")
 
 
 def parse_variant(text: str) -> dict[str, Any]:

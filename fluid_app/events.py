@@ -29,6 +29,7 @@ class Draft:
     confidences: list[float]
     decided: list[bool]
     forwards: int
+    branch: int = 0  # fallback masks fed beside the slots, after the exact token (fluid_app/branches.py)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,11 @@ class FluidConfig:
     # min(1, p/q), not when it equals the argmax), so slots far into a block rarely pay for
     # the positions they add to each forward, and a shorter smallest block decodes faster.
     sampling_k_min: int | None = None
+    # Masks fed in a second branch of every drafted window, after the exact token and blind to
+    # the drafts (fluid_app/branches.py): when the first draft is rejected, the masks after the
+    # drafts saw a wrong token, and these draft the next window instead. 0: off. A backend that
+    # cannot attend a branched window (mlx) decodes without them.
+    fallback_masks: int = 0
     tau: float = 2.8
     sigma: float = 1.5
     anchor_rate: float = 0.5
@@ -57,7 +62,7 @@ class FluidConfig:
 
     def validate(self, vocab_size: int | None = None) -> FluidConfig:
         """Raise a one-line :class:`FluidError` for settings that cannot work."""
-        check_decoding(self.k_min, self.k_max, self.threshold, self.prompt_lookup_num_tokens)
+        check_decoding(self.k_min, self.k_max, self.threshold, self.prompt_lookup_num_tokens, self.fallback_masks)
         if self.sampling_k_min is not None and not 1 <= self.sampling_k_min <= self.k_max:
             raise FluidError(f"sampling_k_min must be from 1 to k_max ({self.k_max}) (got {self.sampling_k_min}); "
                              "or null to sample with k_min", "sampling_k_min")
@@ -124,7 +129,7 @@ class FluidConfig:
 _TYPES: dict[str, tuple[str, bool]] = {
     "mask_token_id": ("int", True), "k_min": ("int", False), "k_max": ("int", False),
     "threshold": ("float", False), "prompt_lookup_num_tokens": ("int", False), "sampling_k_min": ("int", True),
-    "tau": ("float", False),
+    "fallback_masks": ("int", False), "tau": ("float", False),
     "sigma": ("float", False), "anchor_rate": ("float", False), "noise_rate": ("float", False),
     "restore": ("bool", False), "base_model": ("str", True),
 }
@@ -144,7 +149,8 @@ def _checked(name: str, value: Any, source: str) -> Any:
     return float(value) if kind == "float" else value
 
 
-def check_decoding(k_min: int, k_max: int, threshold: float, prompt_lookup_num_tokens: int = 0) -> None:
+def check_decoding(k_min: int, k_max: int, threshold: float, prompt_lookup_num_tokens: int = 0,
+                   fallback_masks: int = 0) -> None:
     """The decoding knobs every entry point shares, checked in one place (one-line errors)."""
     if k_min < 1:
         raise FluidError(f"k_min must be at least 1 (got {k_min})", "k_min")
@@ -155,6 +161,9 @@ def check_decoding(k_min: int, k_max: int, threshold: float, prompt_lookup_num_t
     if prompt_lookup_num_tokens < 0:
         raise FluidError(f"prompt_lookup_num_tokens must be 0 (off) or more (got {prompt_lookup_num_tokens})",
                          "prompt_lookup_num_tokens")
+    if isinstance(fallback_masks, bool) or not isinstance(fallback_masks, int) or fallback_masks < 0:
+        raise FluidError(f"fallback_masks must be a whole number, 0 (off) or more (got {fallback_masks})",
+                         "fallback_masks")
 
 
 def is_confident(confidence: float, threshold: float) -> bool:

@@ -3,8 +3,10 @@
 A backend only has to run a *standard causal forward* over new tokens on top of a KV cache
 and then keep a prefix of what it just appended. Every FLUID draft, verification and AR
 step is such a forward (FLUID_METHOD.md section 5), so no custom attention mask is needed at
-inference. Results come back as small numpy arrays: the greedy token, its probability and
-the K-head's preferred horizon at each new position. Full next-token logits come back only
+inference. A backend that can also attend a *branched* window (``branched_windows``; see
+:mod:`fluid_app.branches`) lets FLUID feed a fallback branch of masks beside the drafts.
+Results come back as small numpy arrays: the greedy token, its probability and the K-head's
+preferred horizon at each new position. Full next-token logits come back only
 for a session started with ``logits=True`` (sampled decoding), so that warping, random
 draws and accept/reject all happen once, in the numpy core, the same for every backend.
 """
@@ -44,8 +46,13 @@ class DecodeSession(Protocol):
     # settings joined or left, a session reused for a new decode)
     logits: bool
 
-    def forward(self, tokens: np.ndarray) -> StepOutput:
-        """Run ``tokens[B, T]`` at each row's next ``T`` positions; cache them provisionally."""
+    def forward(self, tokens: np.ndarray, parents: np.ndarray | None = None) -> StepOutput:
+        """Run ``tokens[B, T]`` at each row's next ``T`` positions; cache them provisionally.
+
+        ``parents`` (``[B, T]``, only for a backend with ``branched_windows``) makes a window
+        with branches: token ``j`` follows window token ``parents[b, j]`` (``-1``: the row's
+        committed tokens), sees only its ancestors there, and sits at its depth
+        (:mod:`fluid_app.branches`). None: a chain, the plain causal forward."""
 
     def commit(self, keep: Sequence[int]) -> None:
         """Row ``b`` keeps the first ``keep[b]`` tokens of the last forward; the rest are dropped."""
@@ -88,6 +95,7 @@ class Backend(Protocol):
     mask_token_id: int | None
     eos_token_ids: frozenset[int]
     has_k_head: bool
+    branched_windows: bool  # its sessions' forward takes ``parents`` (fallback masks need it)
 
     def start(self, prompts: Sequence[Sequence[int]], logits: bool = False) -> tuple[DecodeSession, StepOutput]:
         """Prefill the prompts; return the session and the outputs at each last prompt token

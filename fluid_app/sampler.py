@@ -54,6 +54,7 @@ class DecodeSettings:
     k_max: int = FluidConfig.k_max
     threshold: float = FluidConfig.threshold
     prompt_lookup_num_tokens: int = FluidConfig.prompt_lookup_num_tokens
+    fallback_masks: int = FluidConfig.fallback_masks
     # Sampling (HF ``generate`` names): temperature 0 is greedy decoding, today's path bit for bit.
     do_sample: bool | None = None  # False: greedy whatever the temperature; True with temperature 0: 1.0
     temperature: float = 0.0
@@ -68,20 +69,25 @@ class DecodeSettings:
         """Validated settings: ``config``'s decoding values, then every override that is not None.
 
         A sampled decode that names no ``k_min`` takes the config's ``sampling_k_min`` when it
-        has one: the checkpoint's smallest block for sampling, chosen apart from the greedy one."""
+        has one: the checkpoint's smallest block for sampling, chosen apart from the greedy one.
+        It also feeds no fallback masks unless it names ``fallback_masks``: which drafts are
+        tried decides which random numbers draw which token, and mlx cannot feed the branch,
+        so the checkpoint's default would make the same seed give other text on torch."""
         config = config or FluidConfig()
         unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
             raise FluidError(f"unknown decoding option(s) {sorted(unknown)}; known: "
                              f"{sorted(f.name for f in fields(cls))}", *sorted(unknown))
         values = {"k_min": config.k_min, "k_max": config.k_max, "threshold": config.threshold,
-                  "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens}
+                  "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens, "fallback_masks": config.fallback_masks}
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
-        if overrides.get("k_min") is None and config.sampling_k_min is not None:
-            check_sampling(settings.temperature, settings.top_k, settings.top_p)  # before reading .sampling
-            if settings.sampling is not None:
+        check_sampling(settings.temperature, settings.top_k, settings.top_p)  # before reading .sampling
+        if settings.sampling is not None:
+            if overrides.get("k_min") is None and config.sampling_k_min is not None:
                 settings = replace(settings, k_min=config.sampling_k_min)
+            if overrides.get("fallback_masks") is None:
+                settings = replace(settings, fallback_masks=0)
         return settings.validate()
 
     def validate(self) -> DecodeSettings:
@@ -91,7 +97,7 @@ class DecodeSettings:
                 or self.max_new_tokens < 1:
             raise FluidError(f"max_new_tokens must be a whole number, at least 1 (got {self.max_new_tokens})",
                              "max_new_tokens")
-        check_decoding(self.k_min, self.k_max, self.threshold, self.prompt_lookup_num_tokens)
+        check_decoding(self.k_min, self.k_max, self.threshold, self.prompt_lookup_num_tokens, self.fallback_masks)
         for name in ("sample_drafts", "draft_store"):
             if not isinstance(getattr(self, name), bool):
                 raise FluidError(f"{name} must be true or false (got {getattr(self, name)!r})", name)
@@ -126,6 +132,7 @@ class RowResult:
     seconds: float = 0.0
     proposed: dict[str, int] = field(default_factory=lambda: {"mask": 0, "lookup": 0})  # drafts fed, by source
     accepted: dict[str, int] = field(default_factory=lambda: {"mask": 0, "lookup": 0})  # of those, accepted
+    fallback_windows: int = 0  # windows drafted by a fallback branch after their first draft was rejected
 
     @property
     def tokens_per_forward(self) -> float:
@@ -144,12 +151,20 @@ class _Window:
     sources: list[str] = field(default_factory=list)  # per drafted slot: "mask" or "lookup"
     proposals: list[np.ndarray | None] = field(default_factory=list)  # per drafted slot, when sampling
     active: bool = True
+    fallback: int = 0  # masks fed after the chain, in a branch that follows the exact token alone
+
+    @property
+    def width(self) -> int:
+        """Tokens the window feeds: the exact token, the slots, then the fallback branch."""
+        return 1 + len(self.slots) + self.fallback
 
     def trim(self, width: int) -> None:
-        """Feed only the first ``width`` tokens (the exact token, then a prefix of the slots): a
-        forward's token budget (:func:`~fluid_app.batching.allocate`). The drafts still fed
-        are the leading run cut to that prefix, so ``sources`` and ``proposals`` are cut with
-        the slots; verification then sees exactly the window that was fed."""
+        """Feed only the first ``width`` tokens (the exact token, then a prefix of the slots,
+        then of the fallback branch): a forward's token budget
+        (:func:`~fluid_app.batching.allocate`). The drafts still fed are the leading run cut to
+        that prefix, so ``sources`` and ``proposals`` are cut with the slots; verification then
+        sees exactly the window that was fed."""
+        self.fallback = max(0, min(self.fallback, int(width) - 1 - len(self.slots)))
         kept = max(0, int(width) - 1)
         self.slots, self.confidences = self.slots[:kept], self.confidences[:kept]
         self.sources, self.proposals = self.sources[:kept], self.proposals[:kept]
@@ -157,7 +172,7 @@ class _Window:
     def as_draft(self, row: int, forwards: int) -> Draft:
         """The window as a :class:`Draft` event: what the next forward feeds."""
         return Draft(row, 0, [self.pending] + self.slots, [1.0] + self.confidences,
-                     [True] + [t is not None for t in self.slots], forwards)
+                     [True] + [t is not None for t in self.slots], forwards, self.fallback)
 
 
 class Decoder:
@@ -323,10 +338,14 @@ class Decoder:
 
         Under causal attention the output at the window's exact token and at every matching
         draft is the exact greedy prediction, so the run and the token after it are AR's own.
+        ``fed`` may end with the window's fallback branch (:attr:`_Window.fallback` masks that
+        saw only the exact token); only the chain before it is verified and kept.
         """
         result = self.results[b]
         result.forwards += 1
-        width = len(fed)
+        fallback, window.fallback = window.fallback, 0
+        width = len(fed) - fallback  # the chain: the exact token, then the slots
+        fed = fed[:width]
         if self.sampling is None:
             accepted = 0
             while accepted + 1 < width and fed[accepted + 1] == out.tokens[i, accepted]:
@@ -356,9 +375,16 @@ class Decoder:
         window.pending = exact
         window.k = self._window_size(out, b, i, accepted)
         # Outputs past the first exact token are drafts only if that slot was fed as a MASK;
-        # after a wrong token they are conditioned on it, so start afresh.
-        start = accepted + 1 if correction is None else width
-        yield from self._draft(b, window, out, i, start, width)
+        # after a wrong token they are conditioned on it. The fallback branch never saw any
+        # draft: its output ``accepted`` drafts the slot after the correction (and those after).
+        if correction is None:
+            start, stop = accepted + 1, width
+        elif accepted < fallback:
+            start, stop = width + accepted, width + fallback
+            result.fallback_windows += 1
+        else:
+            start, stop = width, width  # nothing drafts the next window: it feeds masks
+        yield from self._draft(b, window, out, i, start, stop)
         return accepted + 1
 
     def _draft(self, b: int, window: _Window, out: StepOutput, at: int, start: int, stop: int) -> Iterator[Event]:
@@ -406,6 +432,9 @@ class Decoder:
             slot_conf += [0.0] * (window.k - 1)
         window.slots, window.confidences = slots, slot_conf
         window.sources, window.proposals = sources, proposals
+        # A window with drafts may lose them all; then a branch of masks that never saw them
+        # drafts the next window (fluid_app/branches.py), where the backend can attend one.
+        window.fallback = min(s.fallback_masks, window.k - 1) if sources and self.backend.branched_windows else 0
         if window.k > 1:
             yield BlockStart(b, window.k, len(result.token_ids), result.forwards)
             yield window.as_draft(b, result.forwards)

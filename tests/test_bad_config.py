@@ -24,6 +24,7 @@ from fluid_app.fluid_config import FluidConfig
     ({"threshold": None}, "threshold must be a finite number"),
     ({"restore": "yes"}, "restore must be true or false"),
     ({"sampling_k_min": 2.5}, "sampling_k_min must be a whole number or null"),
+    ({"fallback_masks": None}, "fallback_masks must be a whole number"),
 ])
 def test_a_mistyped_fluid_config_fails_at_load_not_mid_decode(tiny_model_dir, tmp_path, content, needle):
     model = tmp_path / "m"

@@ -17,11 +17,11 @@ from fluid_app.sampler import Decoder
 
 PROMPTS = ["The quick brown fox", "Paris is the capital of", "def add(a, b):", "Once upon a time there",
            "1, 2, 3,", "FLUID drafts blocks"]
-# per request: its own settings (greedy, prompt lookup, AR mode, sampled with a seed)
-REQUESTS = [dict(k_min=2, k_max=6, max_new_tokens=30),
-            dict(k_min=3, k_max=8, prompt_lookup_num_tokens=6, max_new_tokens=40),
+# per request: its own settings (greedy, prompt lookup, AR mode, sampled with a seed, fallback masks)
+REQUESTS = [dict(k_min=2, k_max=6, fallback_masks=2, max_new_tokens=30),
+            dict(k_min=3, k_max=8, prompt_lookup_num_tokens=6, fallback_masks=1, max_new_tokens=40),
             dict(mode="ar", max_new_tokens=12),
-            dict(k_min=2, k_max=6, temperature=0.9, top_p=0.95, seed=7, max_new_tokens=30),
+            dict(k_min=2, k_max=6, temperature=0.9, top_p=0.95, seed=7, fallback_masks=1, max_new_tokens=30),
             dict(k_min=1, k_max=4, max_new_tokens=3),
             dict(k_min=2, k_max=8, prompt_lookup_num_tokens=4, temperature=0.7, seed=3, max_new_tokens=25)]
 JOIN_AT = [0, 0, 1, 3, 3, 6]  # the batch forward before which each request joins
@@ -44,7 +44,7 @@ def staggered(model: fluid_app.FluidModel, check_cache=None, token_budget: int |
             if isinstance(event, Commit):
                 tokens[id(decoder)].extend(event.tokens)
             elif isinstance(event, (BlockStart, Draft)):  # a block starts as its exact token and k - 1 masks
-                shown[id(decoder)] = event.k if isinstance(event, BlockStart) else len(event.slots)
+                shown[id(decoder)] = event.k if isinstance(event, BlockStart) else len(event.slots) + event.branch
             elif isinstance(event, Verify):
                 fed = next(width for d, _, width in batch.fed if d is decoder)
                 seen.append((shown[id(decoder)], fed))

@@ -167,3 +167,25 @@ def test_prompt_lookup_cuts_forwards_on_text_that_repeats():
         assert result.token_ids == expected
         forwards[lookup] = result.forwards
     assert forwards[7] < forwards[0] / 2
+
+
+@pytest.mark.parametrize("accuracy", [0.0, 0.6, 0.8, 1.0])
+@pytest.mark.parametrize("settings", SETTINGS[:3] + SETTINGS[5:6])
+def test_fallback_masks_stay_exact_and_save_forwards(accuracy, settings):
+    """A branch of masks after the exact token (fluid_app/branches.py) drafts the window after a
+    rejection: fluid still equals the greedy oracle, and with drafts that are often but not
+    always right, it decodes in fewer forwards than the same settings without the branch."""
+    lm = ToyLM(draft_accuracy=accuracy, eos_rate=0.03)
+    batch = prompts(int(accuracy * 100) + settings["k_max"] + 1, 6)
+    forwards, used = {}, {}
+    for fallback in (0, 1, 3):
+        run = DecodeSettings(mode="fluid", max_new_tokens=40, fallback_masks=fallback, **settings)
+        results = Decoder(lm, batch, run).run()
+        for prompt, result in zip(batch, results):
+            assert result.token_ids == lm.greedy(prompt, 40), fallback
+        forwards[fallback] = sum(r.forwards for r in results)
+        used[fallback] = sum(r.fallback_windows for r in results)
+    assert used[0] == 0
+    if 0 < accuracy < 1:
+        assert used[1] > 0 and used[3] > 0, used
+        assert forwards[1] < forwards[0] and forwards[3] < forwards[0], forwards

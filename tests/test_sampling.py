@@ -165,6 +165,19 @@ def test_a_sampled_decode_takes_the_checkpoints_sampling_k_min_unless_k_min_is_n
             FluidConfig(k_min=5, k_max=8, sampling_k_min=bad).validate()
 
 
+def test_a_sampled_decode_feeds_no_fallback_masks_unless_it_names_them():
+    """Which drafts a sampled decode tries decides which random numbers draw which token, and mlx
+    cannot feed the branch: the checkpoint's fallback masks are for greedy decoding."""
+    from fluid_app.fluid_config import FluidConfig
+
+    config = FluidConfig(k_min=5, k_max=8, fallback_masks=1)
+    fallback = {name: DecodeSettings.from_config(config, **options).fallback_masks for name, options in {
+        "greedy": {}, "sampled": dict(temperature=0.7), "do_sample": dict(do_sample=True),
+        "do_sample off": dict(do_sample=False, temperature=0.7), "named": dict(temperature=0.7, fallback_masks=2),
+        "named 0": dict(fallback_masks=0)}.items()}
+    assert fallback == {"greedy": 1, "sampled": 0, "do_sample": 0, "do_sample off": 1, "named": 2, "named 0": 0}
+
+
 @pytest.mark.parametrize("options, needle", [
     (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(temperature=0.5, top_p=0.0), "top_p"), (dict(temperature=0.5, top_p=1.5), "top_p"),
@@ -207,3 +220,14 @@ def test_bench_reports_sampled_speed_drafts_and_a_distribution_check(tiny_model_
     assert check["prompts"] == 3 and isinstance(check["consistent"], bool)
     assert set(report["drafts"]["fluid"]) == {"mask", "lookup"}
     assert "fluid argmax drafts" in report["fixed_horizons"]
+
+
+def test_fallback_masks_keep_the_exact_ar_distribution():
+    """Windows that also feed a branch of masks blind to their drafts (fluid_app/branches.py),
+    which drafts the next window after a rejection: the sampled tokens keep the AR joint."""
+    lm = SamplingToyLM()
+    cells, probs = joint(lm, **SAMPLING)
+    for case in ("mask drafts", "mask and lookup drafts"):
+        counts, decoder = decode_counts(lm, cells, **CASES[case], fallback_masks=2)
+        assert_matches(f"{case}, fallback masks", counts, probs)
+        assert sum(r.fallback_windows for r in decoder.results) > 100  # the branch really drafted

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fluid_app.branches import is_chain, visible
 from fluid_app.fluid_config import FluidConfig
 from fluid_app.protocol import StepOutput
 
@@ -34,6 +35,7 @@ class ToyLM:
     dtype = "float64"
     tokenizer = None
     has_k_head = True
+    branched_windows = True  # a branch's outputs read only its own tokens (ToySession.forward)
 
     def __init__(self, vocab_size: int = 64, draft_accuracy: float = 0.7, eos_rate: float = 0.02,
                  max_context: int = 4096, seed: int = 0):
@@ -103,11 +105,22 @@ class ToySession:
     def logits(self, value: bool) -> None:
         self.lm.with_logits = bool(value)
 
-    def forward(self, tokens: np.ndarray) -> StepOutput:
+    def forward(self, tokens: np.ndarray, parents: np.ndarray | None = None) -> StepOutput:
         self.lm.forward_calls += 1
         self.pending = [list(map(int, row)) for row in tokens]
-        return _stack([self.lm.outputs(self.rows[b] + self.pending[b], len(self.rows[b]))
-                       for b in range(len(self.rows))])
+        if parents is None or is_chain(parents):
+            return _stack([self.lm.outputs(self.rows[b] + self.pending[b], len(self.rows[b]))
+                           for b in range(len(self.rows))])
+        # a branched window: each token's outputs read the row, then its own branch up to it
+        seen = visible(parents)
+        rows = []
+        for b, row in enumerate(self.rows):
+            outs = [self.lm.outputs(row + [t for t, on in zip(self.pending[b], seen[b, j]) if on], len(row) + depth)
+                    for j, depth in enumerate(seen[b].sum(-1) - 1)]
+            rows.append(StepOutput(*(np.concatenate([getattr(o, name)[:, -1:] for o in outs], axis=1)
+                                     if getattr(outs[0], name) is not None else None
+                                     for name in ("tokens", "confidence", "horizon", "logits"))))
+        return _stack(rows)
 
     def commit(self, keep):
         for b, k in enumerate(keep):

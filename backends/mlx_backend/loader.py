@@ -46,6 +46,9 @@ class MLXBackend:
     """
 
     name = "mlx"
+    # mlx-lm models place every fed token after the cache (RoPE from the cache offset), so a
+    # window cannot hold a branch at another position: FLUID decodes here without fallback masks
+    branched_windows = False
 
     def __init__(self, model: nn.Module, tokenizer: Any, fluid_config: FluidConfig, k_head: KHead | None,
                  config: dict[str, Any], folder: Path | None = None, label: str = ""):

@@ -334,7 +334,10 @@ class Inner(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
         angles = torch.cat((freqs, freqs), dim=-1)
         rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        mask = causal_mask(attention_mask, width, past, batch)
+        if attention_mask is not None and attention_mask.dim() == 4:  # a branched window's own mask
+            mask = attention_mask.bool().expand(batch, -1, width, past + width)
+        else:
+            mask = causal_mask(attention_mask, width, past, batch)
         queries = query_masks(mask, width, past, x)
         for block in self.layers:
             x = block(x, mask, rope, cache, queries)

@@ -18,7 +18,7 @@ from ..converted_base import base_folder
 from ..transformers_io import load_tokenizer, quiet
 from .cpu_linear import pack_linear_layers
 from .k_head import KHead, load_k_head
-from .llama_family import load_llama_family
+from .llama_family import LlamaFamilyLM, load_llama_family
 from .lora_merge import is_plain_lora, merge_plain_lora
 from .session import TorchSession
 
@@ -74,6 +74,9 @@ class TorchBackend:
         # transformers renamed ``past_key_values`` to ``cache``; speak whichever this version knows
         parameters = inspect.signature(model.base_model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        # the own Llama-family forward takes a window's attention mask as given; transformers'
+        # models are left to their causal masks
+        self.branched_windows = isinstance(model, LlamaFamilyLM)
 
     def new_cache(self):
         """An empty KV cache for a decode session: the model's own, else transformers'."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from fluid_app import branches
 from fluid_app.protocol import StepOutput
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ class TorchSession:
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
              last: torch.Tensor | None = None) -> StepOutput:
         """One forward; outputs at every fed position, or (prefill) only at each row's ``last``
-        position, so the output layer never runs over a whole prompt."""
+        position, so the output layer never runs over a whole prompt. ``valid``: the keys each
+        row may attend (``[B, columns]``), or for a branched window each query's (``[B, 1, T, columns]``)."""
         backend = self.backend
         attention_mask = None if bool(valid.all()) else valid.to(self.device, torch.long)
         hidden = backend.model.base_model(
@@ -64,13 +66,20 @@ class TorchSession:
             hidden = hidden[torch.arange(hidden.shape[0], device=self.device), last.to(self.device)][:, None]
         return backend.step_output(hidden, self.logits)
 
-    def forward(self, tokens: np.ndarray) -> StepOutput:
+    def forward(self, tokens: np.ndarray, parents: np.ndarray | None = None) -> StepOutput:
         ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
         width = ids.shape[1]
-        positions = self.lengths[:, None] + torch.arange(width)[None, :]
-        valid = torch.cat([self.valid, torch.ones((ids.shape[0], width), dtype=torch.bool)], dim=1)
         self._last_width = width
         self.backend.forward_calls += 1
+        if parents is not None and not branches.is_chain(parents):  # each token sees its own branch
+            if not self.backend.branched_windows:
+                raise ValueError("this model's forward cannot attend a branched window; feed a chain")
+            seen = torch.as_tensor(branches.visible(parents))  # [B, T, T]
+            positions = self.lengths[:, None] + seen.sum(-1) - 1
+            mask = torch.cat([self.valid[:, None, :].expand(-1, width, -1), seen], dim=2)
+            return self._run(ids, positions, mask[:, None])
+        positions = self.lengths[:, None] + torch.arange(width)[None, :]
+        valid = torch.cat([self.valid, torch.ones((ids.shape[0], width), dtype=torch.bool)], dim=1)
         return self._run(ids, positions, valid)
 
     def add(self, prompts: Sequence[Sequence[int]]) -> StepOutput:

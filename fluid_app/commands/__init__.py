@@ -41,6 +41,10 @@ def add_decode_options(parser: argparse.ArgumentParser, mode: bool = True) -> No
     parser.add_argument("--prompt-lookup-num-tokens", type=int, default=None,
                         help="fluid mode: when the mask draft is unsure, draft up to N tokens that followed the "
                              "last earlier occurrence of the latest n-gram (0: off; default: the checkpoint's)")
+    parser.add_argument("--fallback-masks", type=int, default=None,
+                        help="fluid mode: masks fed beside each window's drafts, blind to them, that draft the "
+                             "next window when the first draft is rejected (0: off; default: the checkpoint's; "
+                             "torch backend)")
     parser.add_argument("--no-draft-store", dest="draft_store", action="store_false", default=None,
                         help="fluid mode: do not look unsure drafts up in the checkpoint's draft store "
                              "(its model's own replies to other prompts), when it has one")
@@ -84,8 +88,8 @@ def decode_options(args: argparse.Namespace) -> dict[str, Any]:
     """The decoding flags the user set (None: leave it to the checkpoint or the default)."""
     return {"max_new_tokens": args.max_new_tokens, "threshold": args.threshold,
             "k_min": args.k_min, "k_max": args.k_max, "prompt_lookup_num_tokens": args.prompt_lookup_num_tokens,
-            "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
-            "draft_store": args.draft_store}
+            "fallback_masks": args.fallback_masks, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "seed": args.seed, "draft_store": args.draft_store}
 
 
 def check_decode_options(args: argparse.Namespace) -> None:

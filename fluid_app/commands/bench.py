@@ -27,8 +27,8 @@ def register(subparsers) -> None:
                              "drafts sampled from their own distribution")
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="also run FLUID with these options changed (k_min, k_max, threshold, "
-                             "prompt_lookup_num_tokens, draft_store, sample_drafts), e.g. k_min=4,threshold=0.7; "
-                             "repeat for more. How the decoding defaults are chosen")
+                             "prompt_lookup_num_tokens, fallback_masks, draft_store, sample_drafts), "
+                             "e.g. k_min=4,threshold=0.7; repeat for more. How the decoding defaults are chosen")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="also draw per-prompt tokens per forward and the histogram of chosen horizons")
     parser.set_defaults(run=run)

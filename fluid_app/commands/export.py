@@ -10,7 +10,7 @@ import sys
 from ..errors import FluidError
 from ..model_refs import resolve_model
 
-DECODING_DEFAULTS = ("k_min", "k_max", "threshold", "prompt_lookup_num_tokens", "sampling_k_min")
+DECODING_DEFAULTS = ("k_min", "k_max", "threshold", "prompt_lookup_num_tokens", "sampling_k_min", "fallback_masks")
 
 
 def register(subparsers) -> None:
@@ -30,6 +30,8 @@ def register(subparsers) -> None:
                         help="decoding default to record (adapter export)")
     parser.add_argument("--sampling-k-min", type=int, default=None,
                         help="decoding default to record (adapter export): k_min when sampling")
+    parser.add_argument("--fallback-masks", type=int, default=None,
+                        help="decoding default to record (adapter export): masks of the fallback branch")
     parser.add_argument("--draft-store", metavar="REPLIES", default=None,
                         help="adapter export: build the draft store from the assistant replies of this chat "
                              "JSONL (the base model's own replies, as `fluid distill` writes them)")
