@@ -132,7 +132,7 @@ class RowResult:
     seconds: float = 0.0
     proposed: dict[str, int] = field(default_factory=lambda: {"mask": 0, "lookup": 0})  # drafts fed, by source
     accepted: dict[str, int] = field(default_factory=lambda: {"mask": 0, "lookup": 0})  # of those, accepted
-    fallback_windows: int = 0  # windows drafted by a fallback branch after their first draft was rejected
+    fallback_windows: int = 0  # rejections after which a fallback branch drafted the next window (or lookup did)
 
     @property
     def tokens_per_forward(self) -> float:
