@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 
 import numpy as np
 
-from .branches import chain, fallback_parents, is_chain
+from .branches import chain, fallback_parents
 from .events import Event
 from .protocol import Backend, DecodeSession, StepOutput
 
@@ -156,12 +156,16 @@ class FusedBatch:
                     yield lane.decoder, lane.window.as_draft(lane.row, lane.decoder.results[lane.row].forwards)
         self.fed = [(lane.decoder, lane.row, width) for lane, width in zip(self.lanes, widths)]
         feed = np.full((len(self.lanes), max(widths)), mask, dtype=np.int64)
-        parents = np.tile(chain(max(widths)), (len(self.lanes), 1))  # padding follows the row's last token
+        # only a forward where some row feeds a fallback branch is a branched one (padding follows
+        # the row's last token); every other forward stays the plain causal call
+        branched = any(lane.window.fallback for lane in self.lanes)
+        parents = np.tile(chain(max(widths)), (len(self.lanes), 1)) if branched else None
         for i, (lane, width) in enumerate(zip(self.lanes, widths)):
             window = lane.window
             feed[i, : width - window.fallback] = [window.pending] + [mask if t is None else t for t in window.slots]
-            parents[i, :width] = fallback_parents(width - window.fallback, window.fallback)
-        out = self.session.forward(feed) if is_chain(parents) else self.session.forward(feed, parents)
+            if parents is not None:
+                parents[i, :width] = fallback_parents(width - window.fallback, window.fallback)
+        out = self.session.forward(feed) if parents is None else self.session.forward(feed, parents)
         self.forwards += 1
         self.rows_fed += len(self.lanes)
         self.tokens_fed += feed.size
