@@ -17,6 +17,7 @@ import numpy as np
 from .api import FluidModel, Generation
 from .data import check_text_file, text_lines
 from .errors import FluidError, first_line
+from .machine import describe, machine_text
 from .sampler import MODES, DecodeSettings
 from .warping import SamplingSettings
 
@@ -201,7 +202,8 @@ def run_bench(model: FluidModel, prompts: Sequence[str], *, chat: bool = False,
             t.outputs.append(out)
     backend = model.backend
     report: dict[str, Any] = {"prompts": len(prompts), "modes": {m: t.summary() for m, t in totals.items()},
-                              "backend": {"name": backend.name, "device": backend.device, "dtype": backend.dtype}}
+                              "backend": {"name": backend.name, "device": backend.device, "dtype": backend.dtype},
+                              "machine": describe()}
     tps = {m: report["modes"][m]["tokens_per_s"] for m in runs}
     if "fluid" in totals and "ar" in totals:
         report["speedup"] = round(tps["fluid"] / tps["ar"], 3) if tps["ar"] else 0.0
@@ -296,6 +298,8 @@ def format_table(report: dict[str, Any]) -> str:
     """A short human table of a bench report."""
     where = report.get("backend")
     lines = [f"{where['name']} on {where['device']}, {where['dtype']}"] if where else []
+    if "machine" in report:
+        lines[-1:] = ["; ".join(lines[-1:] + [machine_text(report["machine"])])]
     lines += [f"{'mode':<12} {'tokens':>7} {'forwards':>8} {'seconds':>8} {'tok/s':>8} {'TPF':>6}"]
     for mode, s in report["modes"].items():
         lines.append(f"{mode:<12} {s['tokens']:>7} {s['forwards']:>8} {s['seconds']:>8.2f} "

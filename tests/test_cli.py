@@ -8,6 +8,8 @@ import os
 import pytest
 from conftest import run_cli
 
+from fluid_app.machine import describe, machine_text
+
 
 def assert_one_line_error(proc, *needles: str) -> None:
     assert proc.returncode == 2, proc.stderr
@@ -45,10 +47,11 @@ def test_bench_reports_every_mode_and_the_comparisons(tiny_model_dir, tmp_path):
     assert report["identical"] is True and report["mismatches"] == 0
     assert {"speedup", "speedup_vs_reference"} <= set(report)
     assert report["backend"] == {"name": "torch", "device": "cpu", "dtype": "float32"}  # what ran, for the record
+    assert report["machine"] == describe() and report["machine"]["cores"] >= 1  # and where
     table = run_cli("bench", "--model", str(tiny_model_dir("llama")), "--prompts", str(prompts), "--max-new-tokens", "4",
                     "--dtype", "bfloat16")
     assert "speedup=" in table.stdout and "fluid" in table.stdout
-    assert table.stdout.splitlines()[0] == "torch on cpu, bfloat16"
+    assert table.stdout.splitlines()[0] == f"torch on cpu, bfloat16; {machine_text(describe())}"
 
 
 def test_bench_runs_fixed_horizons_and_draws_the_plot(tiny_model_dir, tmp_path):
