@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FluidError
-from .files import atomic_file
+from .files import atomic_file, check_output_file
 
 
 def check_plot_path(path: str | Path) -> Path:
@@ -19,12 +19,7 @@ def check_plot_path(path: str | Path) -> Path:
 
     if importlib.util.find_spec("matplotlib") is None:
         raise FluidError("the plot needs matplotlib; pip install matplotlib (or fluid-app[plot])", "plot")
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise FluidError(f"the plot is a PNG; pass a file name ending in .png (got {path.name})", "plot")
-    if not path.parent.exists():
-        raise FluidError(f"folder {path.parent} does not exist; create it or pass another plot path", "plot")
-    return path
+    return check_output_file(path, ".png", "the plot is a PNG", "plot")
 
 
 def save_plot(report: dict[str, Any], path: str | Path) -> Path:

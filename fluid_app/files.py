@@ -78,6 +78,20 @@ def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+def check_output_file(path: str | os.PathLike, suffix: str, what: str, param: str) -> Path:
+    """Fail before long work, not after it: an output file named ``*suffix`` in an existing folder.
+
+    ``what`` names the file in the error (``"the plot is a PNG"``); ``param`` is the option."""
+    out = Path(path)
+    if out.suffix.lower() != suffix:
+        raise FluidError(f"{what}; pass a file name ending in {suffix} (got {out.name})", param)
+    if not out.parent.exists():
+        raise FluidError(f"folder {out.parent} does not exist; create it or pass another {param} path", param)
+    if out.is_dir():
+        raise FluidError(f"{out} is a folder; pass a file name ending in {suffix}", param)
+    return out
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically (see :func:`atomic_file`)."""
     with atomic_file(path) as tmp:

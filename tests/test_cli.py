@@ -8,6 +8,7 @@ import os
 import pytest
 from conftest import run_cli
 
+from fluid_app.bench import format_table
 from fluid_app.machine import describe, machine_text
 
 
@@ -52,6 +53,22 @@ def test_bench_reports_every_mode_and_the_comparisons(tiny_model_dir, tmp_path):
                     "--dtype", "bfloat16")
     assert "speedup=" in table.stdout and "fluid" in table.stdout
     assert table.stdout.splitlines()[0] == f"torch on cpu, bfloat16; {machine_text(describe())}"
+
+
+def test_bench_prints_the_table_and_writes_the_report_from_one_run(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Paris is", "Once upon"]) + "\n")
+    report = tmp_path / "report.json"
+    proc = run_cli("bench", "--model", str(tiny_model_dir("llama")), "--prompts", str(prompts), "--max-new-tokens", "6",
+                   "--modes", "ar,fluid", "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads(report.read_text())
+    # the table printed is the report written, from one run (the file's keys are sorted, so the
+    # table drawn from it lists the same figures in another order)
+    assert sorted(proc.stdout.split()) == sorted(format_table(saved).split())
+    assert f"speedup={saved['speedup']}" in proc.stdout
+    assert saved["identical"] is True and saved["machine"] == describe()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["prompts.jsonl", "report.json"]  # no temp file left
 
 
 def test_bench_runs_fixed_horizons_and_draws_the_plot(tiny_model_dir, tmp_path):
@@ -122,6 +139,9 @@ def test_bench_runs_take_turns_first(tiny_model_dir):
 
 def test_bench_rejects_a_bad_plot_path_or_horizon_before_loading():
     for extra, needle in ((["--plot", "out.txt"], "ending in .png"), (["--plot", "/no/such/dir/x.png"], "does not exist"),
+                          (["--report", "out.txt"], "ending in .json"),
+                          (["--report", "/no/such/dir/r.json"], "does not exist"),
+                          (["--report", "/tmp"], "ending in .json"),
                           (["--horizons", "k-head,longest"], "unknown horizon policy 'longest'"),
                           (["--variant", "k_min"], "bad variant 'k_min'"),
                           (["--variant", "temperature=1"], "keys from k_min, k_max, threshold"),

@@ -7,6 +7,7 @@ import json
 
 from ..bench import check_horizons, format_table, parse_variant, read_prompts, run_bench
 from ..errors import FluidError
+from ..files import check_output_file, write_json_atomic
 from ..sampler import MODES
 from . import add_decode_options, add_model_options, check_decode_options, decode_options, load_model
 
@@ -31,6 +32,9 @@ def register(subparsers) -> None:
                              "e.g. k_min=4,threshold=0.7; repeat for more. How the decoding defaults are chosen")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="also draw per-prompt tokens per forward and the histogram of chosen horizons")
+    parser.add_argument("--report", default=None, metavar="FILE.json",
+                        help="also write the full report (what --json prints) to this file, while the table "
+                             "goes to the screen: the table, the plot and the report from one run")
     parser.set_defaults(run=run)
 
 
@@ -48,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         from ..bench_plot import check_plot_path
 
         check_plot_path(args.plot)
+    if args.report:
+        check_output_file(args.report, ".json", "the report is JSON", "report")
     model = load_model(args)
     report = run_bench(model, prompts, chat=args.chat, modes=modes, horizons=horizons,
                        compare_drafts=args.compare_drafts, variants=variants,
@@ -56,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         from ..bench_plot import save_plot
 
         save_plot(report, args.plot)
+    if args.report:
+        write_json_atomic(args.report, report)
     if args.json:
         print(json.dumps(report))
     else:
