@@ -63,10 +63,7 @@ def test_bench_prints_the_table_and_writes_the_report_from_one_run(tiny_model_di
                    "--modes", "ar,fluid", "--report", str(report))
     assert proc.returncode == 0, proc.stderr
     saved = json.loads(report.read_text())
-    # the table printed is the report written, from one run (the file's keys are sorted, so the
-    # table drawn from it lists the same figures in another order)
-    assert sorted(proc.stdout.split()) == sorted(format_table(saved).split())
-    assert f"speedup={saved['speedup']}" in proc.stdout
+    assert proc.stdout.strip() == format_table(saved)  # the table printed is the report written: one run
     assert saved["identical"] is True and saved["machine"] == describe()
     assert sorted(f.name for f in tmp_path.iterdir()) == ["prompts.jsonl", "report.json"]  # no temp file left
 

@@ -7,7 +7,7 @@ import json
 
 from ..bench import check_horizons, format_table, parse_variant, read_prompts, run_bench
 from ..errors import FluidError
-from ..files import check_output_file, write_json_atomic
+from ..files import check_output_file, write_text_atomic
 from ..sampler import MODES
 from . import add_decode_options, add_model_options, check_decode_options, decode_options, load_model
 
@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
         from ..bench_plot import save_plot
 
         save_plot(report, args.plot)
-    if args.report:
-        write_json_atomic(args.report, report)
+    if args.report:  # what --json prints, in its order (a table drawn from it lists the runs as run)
+        write_text_atomic(args.report, json.dumps(report) + "\n")
     if args.json:
         print(json.dumps(report))
     else:
