@@ -49,8 +49,9 @@ class FluidConfig:
     sampling_k_min: int | None = None
     # Masks fed in a second branch of every drafted window, after the exact token and blind to
     # the drafts (fluid_app/branches.py): when the first draft is rejected, the masks after the
-    # drafts saw a wrong token, and these draft the next window instead. 0: off. A backend that
-    # cannot attend a branched window (mlx) decodes without them.
+    # drafts saw a wrong token, and these draft the next window instead. 0: off. Both backends
+    # feed them for the Llama-family configs (backends/llama_shape.py), so a sampled decode tries
+    # the same drafts, and draws the same tokens, on torch and mlx; other models go without.
     fallback_masks: int = 0
     tau: float = 2.8
     sigma: float = 1.5

@@ -69,10 +69,7 @@ class DecodeSettings:
         """Validated settings: ``config``'s decoding values, then every override that is not None.
 
         A sampled decode that names no ``k_min`` takes the config's ``sampling_k_min`` when it
-        has one: the checkpoint's smallest block for sampling, chosen apart from the greedy one.
-        It also feeds no fallback masks unless it names ``fallback_masks``: which drafts are
-        tried decides which random numbers draw which token, and mlx cannot feed the branch,
-        so the checkpoint's default would make the same seed give other text on torch."""
+        has one: the checkpoint's smallest block for sampling, chosen apart from the greedy one."""
         config = config or FluidConfig()
         unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
@@ -86,8 +83,6 @@ class DecodeSettings:
         if settings.sampling is not None:
             if overrides.get("k_min") is None and config.sampling_k_min is not None:
                 settings = replace(settings, k_min=config.sampling_k_min)
-            if overrides.get("fallback_masks") is None:
-                settings = replace(settings, fallback_masks=0)
         return settings.validate()
 
     def validate(self) -> DecodeSettings:

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import fluid_app
-from backends.torch_backend.llama_family import LlamaFamilyLM, shape_of
+from backends.llama_shape import shape_of
+from backends.torch_backend.llama_family import LlamaFamilyLM
 from backends.torch_backend.loader import load_pretrained, prepare
 from fluid_app.model_refs import resolve_model
 

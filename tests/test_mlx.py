@@ -279,9 +279,55 @@ def test_smollm2_sampling_draws_the_same_tokens_on_torch_and_mlx(smol_mlx, smoll
     both backends: warping, draws and accept/reject live in the core, not in a backend."""
     prompts = SMOL_PROMPTS[:5]
     options = dict(max_new_tokens=12, k_min=2, k_max=4, temperature=0.7, top_p=0.95, seed=11)
-    for mode in ("ar", "fluid"):
-        torch_ids = _ids(smollm2, prompts, mode, **options)
-        mlx_ids = _ids(smol_mlx, prompts, mode, **options)
-        assert torch_ids == mlx_ids, mode
+    assert smollm2.backend.branched_windows and smol_mlx.backend.branched_windows
+    for mode in ("ar", "fluid"):  # fluid feeds the default's fallback mask on both (tree.py on mlx)
+        torch_out = smollm2.generate(prompts, mode=mode, **options)
+        mlx_out = smol_mlx.generate(prompts, mode=mode, **options)
+        assert [g.token_ids for g in torch_out] == [g.token_ids for g in mlx_out], mode
+        assert [g.forwards for g in torch_out] == [g.forwards for g in mlx_out], mode  # the same windows
+    no_branch = smollm2.generate(prompts, mode="fluid", **{**options, "fallback_masks": 0})
+    assert [g.forwards for g in no_branch] != [g.forwards for g in torch_out]  # the branch was fed
     greedy = _ids(smollm2, prompts, "ar", max_new_tokens=12)
-    assert torch_ids != greedy  # it really sampled
+    assert [g.token_ids for g in torch_out] != greedy  # it really sampled
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_branched_window_is_its_branches_fed_alone_and_keeps_its_chain(pair, arch):
+    """One forward of a chain plus a fallback branch (tree.py): the chain's outputs are a plain
+    window's, the branch's are those of the exact token and its masks fed alone, the commit
+    keeps the chain; and torch's own branched forward gives the same logits."""
+    from fluid_app.branches import fallback_parents
+
+    torch_model, mlx_model = pair(arch)
+    backend, mask = mlx_model.backend, mlx_model.backend.mask_token_id
+    assert backend.branched_windows and torch_model.backend.branched_windows
+    prompt = mlx_model.encode(PROMPTS[0])
+    chain, fallback = [5, 6, 7, mask, mask], 3
+    window, parents = np.array([chain + [mask] * fallback]), fallback_parents(len(chain), fallback)[None]
+
+    def run(model, feeds, parents=None):
+        session, _ = model.backend.start([prompt], logits=True)
+        out = [session.forward(feeds[0], parents).logits[0]]
+        session.commit([3])
+        return out + [session.forward(np.array([feed])).logits[0] for feed in feeds[1:]]
+
+    branched, after = run(mlx_model, [window, [9, 10]], parents)
+    plain, plain_after = run(mlx_model, [np.array([chain]), [9, 10]])
+    (alone,) = run(mlx_model, [np.array([[chain[0]] + [mask] * fallback])])
+    np.testing.assert_allclose(branched[: len(chain)], plain, atol=1e-4)
+    np.testing.assert_allclose(branched[len(chain):], alone[1:], atol=1e-4)
+    np.testing.assert_allclose(after, plain_after, atol=1e-4)
+    torch_branched, torch_after = run(torch_model, [window, [9, 10]], parents)
+    np.testing.assert_allclose(branched, torch_branched, atol=1e-4)
+    np.testing.assert_allclose(after, torch_after, atol=1e-4)
+
+
+def test_a_model_without_branches_refuses_a_branched_window(pair):
+    from fluid_app.branches import fallback_parents
+
+    _, mlx_model = pair("gpt2")
+    backend = mlx_model.backend
+    assert not backend.branched_windows
+    session, _ = backend.start([mlx_model.encode(PROMPTS[0])])
+    with pytest.raises(ValueError, match="cannot attend a branched window"):
+        session.forward(np.array([[5, 6, 7, 8]]), fallback_parents(3, 1)[None])

@@ -165,17 +165,17 @@ def test_a_sampled_decode_takes_the_checkpoints_sampling_k_min_unless_k_min_is_n
             FluidConfig(k_min=5, k_max=8, sampling_k_min=bad).validate()
 
 
-def test_a_sampled_decode_feeds_no_fallback_masks_unless_it_names_them():
-    """Which drafts a sampled decode tries decides which random numbers draw which token, and mlx
-    cannot feed the branch: the checkpoint's fallback masks are for greedy decoding."""
+def test_a_sampled_decode_feeds_the_checkpoints_fallback_masks_as_a_greedy_one_does():
+    """Both backends feed the branch (torch and mlx try the same drafts: test_mlx.py), so
+    sampling takes the checkpoint's fallback masks; a request may still name its own."""
     from fluid_app.fluid_config import FluidConfig
 
     config = FluidConfig(k_min=5, k_max=8, fallback_masks=1)
     fallback = {name: DecodeSettings.from_config(config, **options).fallback_masks for name, options in {
         "greedy": {}, "sampled": dict(temperature=0.7), "do_sample": dict(do_sample=True),
         "do_sample off": dict(do_sample=False, temperature=0.7), "named": dict(temperature=0.7, fallback_masks=2),
-        "named 0": dict(fallback_masks=0)}.items()}
-    assert fallback == {"greedy": 1, "sampled": 0, "do_sample": 0, "do_sample off": 1, "named": 2, "named 0": 0}
+        "named 0": dict(temperature=0.7, fallback_masks=0)}.items()}
+    assert fallback == {"greedy": 1, "sampled": 1, "do_sample": 1, "do_sample off": 1, "named": 2, "named 0": 0}
 
 
 @pytest.mark.parametrize("options, needle", [

@@ -31,6 +31,7 @@ from ..transformers_io import load_tokenizer
 from .k_head import KHead, load_k_head
 from .lora import fuse_adapter
 from .session import MLXSession
+from .tree import feeds_branches
 from .weights import load_gpt2_weights, weight_keys
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -46,9 +47,6 @@ class MLXBackend:
     """
 
     name = "mlx"
-    # mlx-lm models place every fed token after the cache (RoPE from the cache offset), so a
-    # window cannot hold a branch at another position: FLUID decodes here without fallback masks
-    branched_windows = False
 
     def __init__(self, model: nn.Module, tokenizer: Any, fluid_config: FluidConfig, k_head: KHead | None,
                  config: dict[str, Any], folder: Path | None = None, label: str = ""):
@@ -67,6 +65,8 @@ class MLXBackend:
         self.eos_token_ids = hf_config.eos_token_ids([config, hf_config.read_generation_config(folder)], tokenizer)
         self.forward_calls = 0
         self.vocab_size = _check_hidden_path(self)
+        # the configs the torch backend feeds branches for, run through mlx-lm's blocks (tree.py)
+        self.branched_windows = feeds_branches(self.inner, config)
 
     @property
     def dtype(self) -> str:

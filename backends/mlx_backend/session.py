@@ -5,7 +5,9 @@ the rows one after another over their own caches; :meth:`MLXSession.commit` trim
 row's cache back by the slots it did not keep (``KVCache.trim`` only moves the offset, so
 nothing is copied). Rows never share a tensor, so there are no holes, masks or position
 ids to manage: every row sees exactly its own committed tokens at consecutive positions,
-which is what makes FLUID lossless. Rows join (:meth:`MLXSession.add`, prefilled on new
+which is what makes FLUID lossless. A branched window (fallback masks) is one forward of
+the row's model with the branch rule's mask and positions (:mod:`.tree`); a commit keeps its
+chain, which comes first, as for any window. Rows join (:meth:`MLXSession.add`, prefilled on new
 caches) and leave (:meth:`MLXSession.drop`, their caches released) between forwards; a
 prompt cache rewinds a row (:meth:`MLXSession.truncate`, a trim) and prefills more tokens on
 top (:meth:`MLXSession.extend`).
@@ -19,7 +21,10 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import trim_prompt_cache
 
+from fluid_app import branches
 from fluid_app.protocol import StepOutput
+
+from .tree import branched_hidden
 
 if TYPE_CHECKING:
     from .loader import MLXBackend
@@ -54,12 +59,20 @@ class MLXSession:
         self.caches = [cache for b, cache in enumerate(self.caches) if b not in gone]
         self.lengths = [n for b, n in enumerate(self.lengths) if b not in gone]
 
-    def forward(self, tokens: np.ndarray) -> StepOutput:
+    def forward(self, tokens: np.ndarray, parents: np.ndarray | None = None) -> StepOutput:
         tokens = np.asarray(tokens, dtype=np.int64)
         self._last_width = tokens.shape[1]
         self.backend.forward_calls += 1
-        outs = [self.backend.step(mx.array(row[None, :].astype(np.int32)), cache, logits=self.logits)
-                for row, cache in zip(tokens, self.caches)]
+        if parents is not None and not branches.is_chain(parents) and not self.backend.branched_windows:
+            raise ValueError("this model's forward cannot attend a branched window; feed a chain")
+        outs = []
+        for b, (row, cache) in enumerate(zip(tokens, self.caches)):
+            ids = mx.array(row[None, :].astype(np.int32))
+            if parents is None or branches.is_chain(parents[b:b + 1]):
+                outs.append(self.backend.step(ids, cache, logits=self.logits))
+            else:  # each token sees its own branch (tree.py)
+                outs.append(self.backend.step_output(branched_hidden(self.backend.inner, ids, parents[b], cache),
+                                                     self.logits))
         return _stack(outs)
 
     def commit(self, keep: Sequence[int]) -> None:

@@ -44,7 +44,7 @@ def add_decode_options(parser: argparse.ArgumentParser, mode: bool = True) -> No
     parser.add_argument("--fallback-masks", type=int, default=None,
                         help="fluid mode: masks fed beside each window's drafts, blind to them, that draft the "
                              "next window when the first draft is rejected (0: off; default: the checkpoint's; "
-                             "torch backend)")
+                             "Llama-family models)")
     parser.add_argument("--no-draft-store", dest="draft_store", action="store_false", default=None,
                         help="fluid mode: do not look unsure drafts up in the checkpoint's draft store "
                              "(its model's own replies to other prompts), when it has one")
