@@ -297,9 +297,10 @@ def _progress(prompts: Sequence[str]):
 def format_table(report: dict[str, Any]) -> str:
     """A short human table of a bench report."""
     where = report.get("backend")
-    lines = [f"{where['name']} on {where['device']}, {where['dtype']}"] if where else []
+    head = [f"{where['name']} on {where['device']}, {where['dtype']}"] if where else []
     if "machine" in report:
-        lines[-1:] = ["; ".join(lines[-1:] + [machine_text(report["machine"])])]
+        head.append(machine_text(report["machine"]))
+    lines = ["; ".join(head)] if head else []
     lines += [f"{'mode':<12} {'tokens':>7} {'forwards':>8} {'seconds':>8} {'tok/s':>8} {'TPF':>6}"]
     for mode, s in report["modes"].items():
         lines.append(f"{mode:<12} {s['tokens']:>7} {s['forwards']:>8} {s['seconds']:>8.2f} "

@@ -37,6 +37,21 @@ def is_chain(parents: np.ndarray) -> bool:
     return bool((parents == chain(parents.shape[-1])).all())
 
 
+def branched_rows(parents: np.ndarray | None, supported: bool) -> np.ndarray | None:
+    """Which rows of a forward's ``parents`` hold a branch (``[B]`` booleans), or None when none
+    does and the forward is a plain causal one. Raises ``ValueError`` for a branched window on a
+    model whose forward cannot attend one (``supported`` False): both backends refuse alike."""
+    if parents is None:
+        return None
+    parents = np.asarray(parents)
+    rows = (parents != chain(parents.shape[-1])).any(axis=-1)
+    if not rows.any():
+        return None
+    if not supported:
+        raise ValueError("this model's forward cannot attend a branched window; feed a chain")
+    return rows
+
+
 def visible(parents: np.ndarray) -> np.ndarray:
     """``[B, T, T]`` booleans: ``[b, j, i]`` is True where window token ``j`` may attend token
     ``i`` of its row's window, i.e. ``i`` is ``j`` or one of its ancestors.

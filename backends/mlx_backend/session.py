@@ -63,12 +63,11 @@ class MLXSession:
         tokens = np.asarray(tokens, dtype=np.int64)
         self._last_width = tokens.shape[1]
         self.backend.forward_calls += 1
-        if parents is not None and not branches.is_chain(parents) and not self.backend.branched_windows:
-            raise ValueError("this model's forward cannot attend a branched window; feed a chain")
+        branched = branches.branched_rows(parents, self.backend.branched_windows)
         outs = []
         for b, (row, cache) in enumerate(zip(tokens, self.caches)):
             ids = mx.array(row[None, :].astype(np.int32))
-            if parents is None or branches.is_chain(parents[b:b + 1]):
+            if branched is None or not branched[b]:
                 outs.append(self.backend.step(ids, cache, logits=self.logits))
             else:  # each token sees its own branch (tree.py)
                 outs.append(self.backend.step_output(branched_hidden(self.backend.inner, ids, parents[b], cache),

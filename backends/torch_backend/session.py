@@ -71,9 +71,7 @@ class TorchSession:
         width = ids.shape[1]
         self._last_width = width
         self.backend.forward_calls += 1
-        if parents is not None and not branches.is_chain(parents):  # each token sees its own branch
-            if not self.backend.branched_windows:
-                raise ValueError("this model's forward cannot attend a branched window; feed a chain")
+        if branches.branched_rows(parents, self.backend.branched_windows) is not None:  # each token sees its branch
             seen = torch.as_tensor(branches.visible(parents))  # [B, T, T]
             positions = self.lengths[:, None] + seen.sum(-1) - 1
             mask = torch.cat([self.valid[:, None, :].expand(-1, width, -1), seen], dim=2)
