@@ -348,7 +348,7 @@ class Decoder:
             exact = int(out.tokens[i, accepted])
         else:  # speculative sampling over the drafted run (fluid_app/acceptance.py)
             run = len(window.sources)
-            p_rows = self.sampling.warp(out.logits[i, : run + 1])
+            p_rows = self.sampling.warp_rows(out.logits[i, : run + 1])  # read up to the first rejection
             accepted, exact = verify_chain(p_rows, [int(t) for t in fed[1 : run + 1]], window.proposals,
                                            self.rngs[b])
         for source in window.sources[: accepted + 1]:

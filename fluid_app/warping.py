@@ -185,6 +185,39 @@ class SamplingSettings:
         """The distribution sampled from (and that drafts are verified against)."""
         return warp(logits, self.temperature, self.top_k, self.top_p)
 
+    def warp_rows(self, logits: np.ndarray) -> WarpedRows:
+        """:meth:`warp` of each row of ``logits`` (``[T, V]``), each computed when first read."""
+        return WarpedRows(logits, self)
+
     def generators(self, rows: int) -> list[np.random.Generator]:
         """One generator per row, all from :attr:`seed` (see :func:`row_generators`)."""
         return row_generators(self.seed, rows)
+
+
+class WarpedRows(Sequence[np.ndarray]):
+    """The rows of ``settings.warp(logits)`` for ``logits[T, V]``, each warped when first read.
+
+    Why: a sampled verification reads its target rows in order and stops at the first
+    rejected draft, so the rows after it are never read; a lookup draft feeds up to seven
+    slots and is mostly rejected early, and each row's warp over a 49k vocabulary costs about
+    a millisecond on a small CPU. A row read here equals that row of the whole block's warp
+    bit for bit, since :func:`warp` works row by row.
+    """
+
+    def __init__(self, logits: np.ndarray, settings: SamplingSettings):
+        self._logits, self._settings = logits, settings
+        self._rows: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._logits)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        index = range(len(self))[index]  # negative indices as a list's; IndexError past the end
+        if index not in self._rows:
+            self._rows[index] = self._settings.warp(self._logits[index])
+        return self._rows[index]
+
+    @property
+    def warped(self) -> int:
+        """How many rows were warped so far."""
+        return len(self._rows)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from fluid_app.acceptance import verify_chain
 from fluid_app.errors import FluidError
 from fluid_app.warping import SamplingSettings, check_sampling, row_generators, warp
 
@@ -105,6 +106,32 @@ def test_banned_tokens_stay_at_zero_and_batched_shapes_match_rows():
     got = warp(logits.reshape(2, 3, 10), 0.8, 5, 0.8)
     assert np.all(got[..., 4] == 0)
     np.testing.assert_array_equal(got.reshape(6, 10), warp(logits, 0.8, 5, 0.8))
+
+
+def test_warped_rows_are_the_blocks_rows_bit_for_bit_and_warped_only_when_read():
+    settings = SamplingSettings(temperature=0.7, top_k=0, top_p=0.95)
+    logits = random_logits(3, 6, 49152, ties=False).astype(np.float32)
+    rows = settings.warp_rows(logits)
+    assert len(rows) == 6 and rows.warped == 0
+    whole = settings.warp(logits)
+    for i in (2, 0, -1, 2):
+        np.testing.assert_array_equal(rows[i], whole[i])
+    assert rows.warped == 3
+    with pytest.raises(IndexError):
+        rows[6]
+
+
+def test_a_verification_warps_no_row_after_the_first_rejection():
+    """Rows past a rejected draft are never read, so a NaN there (which :func:`warp` refuses)
+    does no harm; warping the whole block up front fails on it."""
+    settings = SamplingSettings(temperature=1.0)
+    logits = np.array([[0.0, 5.0, 0.0]] * 4)
+    logits[2:] = np.nan
+    rng = np.random.default_rng(0)
+    # draft 0 has p(0) = e^0 / (2 + e^5) < 0.007: rejected for almost every u; this seed's is 0.64
+    assert verify_chain(settings.warp_rows(logits), [0, 1, 1], [None] * 3, rng) == (0, 1)
+    with pytest.raises(ValueError, match="finite maximum"):
+        verify_chain(settings.warp(logits), [0, 1, 1], [None] * 3, np.random.default_rng(0))
 
 
 def test_warp_refuses_greedy_and_broken_logits():
