@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from backends.torch_backend.cpu_linear import PackedLinear, pack_linear_layers
+from backends.torch_backend.cpu_linear import PackedFused, PackedLinear, pack_linear_layers
 from backends.torch_backend.loader import load, load_pretrained, prepare
 from fluid_app.model_refs import resolve_model
 
@@ -14,7 +14,9 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 
 
 def _packed_count(model: nn.Module) -> int:
-    return sum(isinstance(m, PackedLinear) for m in model.modules())
+    """Linear layers packed, alone or in a fused group."""
+    return sum(isinstance(m, PackedLinear) + len(getattr(m, "sizes", ())) * isinstance(m, PackedFused)
+               for m in model.modules())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -55,8 +57,47 @@ def test_a_deep_copy_is_plain_and_shares_nothing(tiny_model_dir):
     packed = load(resolve_model(str(tiny_model_dir("llama"))), device="cpu", dtype="float32").model
     clone = copy.deepcopy(packed)
     assert _packed_count(clone) == 0 and _packed_count(packed) == 15
-    with torch.no_grad():
-        clone.model.layers[0].mlp.down_proj.weight.add_(1.0)  # edits to the copy stay in the copy
+    assert clone.model.layers[0].self_attn.qkv is None and clone.model.layers[0].mlp.gate_up is None
     ids = torch.arange(10)[None]
     with torch.inference_mode():
-        assert not torch.allclose(clone(ids).logits, packed(ids).logits)
+        assert torch.allclose(clone(ids).logits, packed(ids).logits, atol=1e-5, rtol=1e-5)
+    for layer in ("mlp.down_proj", "mlp.up_proj", "self_attn.k_proj"):  # a fused member too
+        edited = copy.deepcopy(packed)
+        with torch.no_grad():
+            edited.model.layers[0].get_submodule(layer).weight.add_(1.0)  # edits to the copy stay in the copy
+        with torch.inference_mode():
+            assert not torch.allclose(edited(ids).logits, packed(ids).logits), layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_projections_equal_their_layers_bitwise(dtype):
+    """q/k/v (and gate/up) as one packed matmul give each layer's own packed output bit for bit,
+    at the default's sizes, for every window width decoding uses and a batch."""
+    if not _packs(dtype):
+        pytest.skip(f"this torch build does not pack {dtype}")
+    generator = torch.Generator().manual_seed(0)
+    for sizes, bias in (((576, 192, 192), False), ((1536, 1536), False), ((64, 16, 16), True)):
+        members = [nn.Linear(576, size, bias=bias).to(dtype) for size in sizes]
+        fused = PackedFused(members)
+        alone = [PackedLinear.from_linear(m) for m in members]
+        for batch, width in [(1, w) for w in range(1, 18)] + [(3, 1), (3, 6), (2, 300)]:
+            x = torch.randn(batch, width, 576, generator=generator).to(dtype)
+            with torch.inference_mode():
+                for got, layer in zip(fused(x), alone, strict=True):
+                    assert torch.equal(got, layer(x)), (sizes, batch, width)
+
+
+def _packs(dtype: torch.dtype) -> bool:
+    from backends.torch_backend.cpu_linear import packing_works
+
+    return packing_works(dtype)
+
+
+def test_a_fused_prefill_caches_only_the_values(tiny_model_dir):
+    """A prefill's values are a view of the fused q/k/v output; the cache keeps a copy of their
+    own columns, not the whole output (5x the values' memory at the default's sizes)."""
+    backend = load(resolve_model(str(tiny_model_dir("llama"))), device="cpu", dtype="float32")
+    assert backend.model.model.layers[0].self_attn.qkv is not None
+    session, _ = backend.start([list(range(3, 40))])
+    for layer in session.cache.layers:
+        assert layer.values.untyped_storage().nbytes() == layer.values.numel() * layer.values.element_size()

@@ -77,8 +77,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    fused_linears = {"qkv": ("q_proj", "k_proj", "v_proj")}  # one packed matmul on a CPU (cpu_linear)
+
     def __init__(self, shape: Shape, index: int):
         super().__init__()
+        self.qkv: nn.Module | None = None
         self.index, self.head_dim = index, shape.head_dim
         self.groups = shape.heads // shape.kv_heads
         self.scale = shape.head_dim ** -0.5
@@ -94,7 +97,8 @@ class Attention(nn.Module):
                 cache: KVCache | None, queries: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         batch, width = x.shape[:2]
         split = (batch, width, -1, self.head_dim)
-        q, k, v = self.q_proj(x).view(split), self.k_proj(x).view(split), self.v_proj(x).view(split)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v = q.view(split), k.view(split), v.view(split)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -158,14 +162,18 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class MLP(nn.Module):
+    fused_linears = {"gate_up": ("gate_proj", "up_proj")}
+
     def __init__(self, shape: Shape):
         super().__init__()
+        self.gate_up: nn.Module | None = None
         self.gate_proj = linear(shape.hidden, shape.intermediate, shape.mlp_bias)
         self.up_proj = linear(shape.hidden, shape.intermediate, shape.mlp_bias)
         self.down_proj = linear(shape.intermediate, shape.hidden, shape.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -204,8 +212,8 @@ class KVCache:
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[index]
-        if layer.keys is None:
-            layer.keys, layer.values = keys, values
+        if layer.keys is None:  # values can be a view of a fused q/k/v output: keep only their own columns
+            layer.keys, layer.values = keys, values.contiguous()
             return keys, values
         length, total = layer.keys.shape[-2], layer.keys.shape[-2] + keys.shape[-2]
         if not _leads(layer.spare, layer.keys, layer.values) or layer.spare[0].shape[-2] < total:
