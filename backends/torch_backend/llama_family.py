@@ -71,9 +71,16 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def signed_halves(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated, once a forward for every layer.
+
+    transformers rotates as ``x * cos + rotate_half(x) * sin``, where ``rotate_half(x)`` is
+    ``cat(-x2, x1)``. ``x.roll(half) * signed_halves(sin)`` is ``cat(x2 * -s1, x1 * s2)``, the
+    same bits (a product's rounding does not depend on the sign), in one call a tensor instead
+    of four (about 180 fewer calls a forward of the default).
+    """
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 class Attention(nn.Module):
@@ -102,8 +109,9 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        cos, signed_sin = rope
+        half = self.head_dim // 2
+        q, k = q * cos + q.roll(half, -1) * signed_sin, k * cos + k.roll(half, -1) * signed_sin
         if cache is not None:
             k, v = cache.update(k, v, self.index)
         if queries is not None:  # one query at a time, as one-token forwards attend it (query_masks)
@@ -283,7 +291,8 @@ class Inner(nn.Module):
             position_ids = torch.arange(past, past + width, device=x.device)[None].expand(batch, -1)
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
         angles = torch.cat((freqs, freqs), dim=-1)
-        rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        rope = cos.unsqueeze(1), signed_halves(sin).unsqueeze(1)
         if attention_mask is not None and attention_mask.dim() == 4:  # a branched window's own mask
             mask = attention_mask.bool().expand(batch, -1, width, past + width)
         else:
