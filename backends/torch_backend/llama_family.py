@@ -9,7 +9,9 @@ so an inference load of any of them builds this module straight from ``config.js
 safetensors files. Everything else (training, export, other architectures, configs with rope
 scaling or a sliding window that can bind) keeps transformers' classes.
 
-It computes what transformers' SDPA path computes, op for op and with the same kernel choices:
+It computes what transformers' SDPA path computes, op for op and with the same kernel choices
+(except where fewer calls give the same bits: q/k/v and gate/up packed as one matmul each on a
+CPU, :class:`.cpu_linear.PackedFused`; the rotary rotation as a roll, :func:`signed_halves`):
 no mask when the window is causal on its own (one query, or a fresh prefill), a boolean
 ``[B, 1, q, kv]`` mask otherwise (padding and causality over cache columns), GQA through
 SDPA's ``enable_gqa`` without a mask, by folding the heads into the query for a single masked
