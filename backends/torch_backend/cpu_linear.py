@@ -33,8 +33,7 @@ class PackedLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "PackedLinear":
         packed = linear_shell(cls, linear.in_features, linear.out_features, linear.weight, linear.bias)
-        with torch.no_grad():
-            packed.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), ROWS_HINT)
+        packed.packed_weight = pack(linear.weight)
         return packed
 
     def __deepcopy__(self, memo: dict) -> nn.Linear:
@@ -44,8 +43,18 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return F.linear(x, self.weight, self.bias)  # the packed copy carries no gradient
-        bias = None if self.bias is None else self.bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
+        return apply_packed(x, self.packed_weight, self.bias)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (``[out, in]``) reordered into oneDNN's blocked layout for :func:`apply_packed`."""
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
+
+
+def apply_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` with a :func:`pack`-ed weight."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None if bias is None else bias.detach(), "none", [], "")
 
 
 def linear_shell(cls: type[nn.Linear], in_features: int, out_features: int, weight: nn.Parameter,
@@ -104,18 +113,15 @@ class PackedFused(nn.Module):
     def __init__(self, linears: list[nn.Linear]):
         super().__init__()
         self.sizes = [linear.out_features for linear in linears]
-        with torch.no_grad():
-            weight = torch.cat([linear.weight.detach() for linear in linears])
-            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_HINT)
-            biases = [linear.bias for linear in linears]
-            self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        self.packed_weight = pack(torch.cat([linear.weight.detach() for linear in linears]))
+        has_bias = linears[0].bias is not None
+        self.bias = torch.cat([linear.bias.detach() for linear in linears]) if has_bias else None
 
     def __deepcopy__(self, memo: dict) -> None:
         return None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-        return out.split(self.sizes, dim=-1)
+        return apply_packed(x, self.packed_weight, self.bias).split(self.sizes, dim=-1)
 
 
 def _fusable(members: list[nn.Module]) -> bool:
@@ -138,13 +144,13 @@ def pack_linear_layers(model: nn.Module) -> int:
     if not packing_works(linears[0][2].weight.dtype):
         return 0
     grouped: set[int] = set()
-    fusing = linears[0][2].weight.dtype == torch.float32  # the bfloat16 kernels are not checked bit for bit
-    for parent in list(model.modules()) if fusing else []:
-        for fused, names in getattr(parent, "fused_linears", {}).items():
-            members = [getattr(parent, name) for name in names]
-            if _fusable(members):
-                setattr(parent, fused, PackedFused(members))
-                grouped.update(id(m) for m in members)
+    if linears[0][2].weight.dtype == torch.float32:  # the bfloat16 kernels are not checked bit for bit
+        for parent in list(model.modules()):
+            for fused, names in getattr(parent, "fused_linears", {}).items():
+                members = [getattr(parent, name) for name in names]
+                if _fusable(members):
+                    setattr(parent, fused, PackedFused(members))
+                    grouped.update(id(m) for m in members)
     for parent, name, child in linears:
         if id(child) not in grouped:
             setattr(parent, name, PackedLinear.from_linear(child))
