@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from backends.torch_backend.cpu_linear import PackedFused, PackedLinear, pack_linear_layers
+from backends.torch_backend.cpu_linear import CHECKED_ROWS, PackedFused, PackedLinear, fuses_exactly, pack_linear_layers
 from backends.torch_backend.loader import load, load_pretrained, prepare
 from fluid_app.model_refs import resolve_model
 
@@ -71,8 +71,8 @@ def test_a_deep_copy_is_plain_and_shares_nothing(tiny_model_dir):
 
 def test_fused_projections_equal_their_layers_bitwise():
     """q/k/v (and gate/up) as one packed matmul give each layer's own packed output bit for bit,
-    at the default's sizes, for every window width decoding uses and a batch (float32, the one
-    dtype that fuses)."""
+    at the default's sizes, for every window width decoding uses, a batch and a prefill (float32,
+    where they hold on every CPU; bfloat16 is checked per machine, below)."""
     generator = torch.Generator().manual_seed(0)
     for sizes, bias in (((576, 192, 192), False), ((1536, 1536), False), ((64, 16, 16), True)):
         members = [nn.Linear(576, size, bias=bias) for size in sizes]
@@ -93,3 +93,36 @@ def test_a_fused_prefill_caches_only_the_values(tiny_model_dir):
     session, _ = backend.start([list(range(3, 40))])
     for layer in session.cache.layers:
         assert layer.values.untyped_storage().nbytes() == layer.values.numel() * layer.values.element_size()
+
+
+def test_the_fusing_check_fails_on_other_bits():
+    """:func:`fuses_exactly` is what lets a dtype fuse: it passes on a fresh group and fails as
+    soon as one member's output differs in the last bit (here a member edited after packing)."""
+    members = [nn.Linear(576, size, bias=False) for size in (576, 192, 192)]
+    fused = PackedFused(members)
+    assert fuses_exactly(fused, members)
+    with torch.no_grad():
+        members[2].weight[5, 7] = torch.nextafter(members[2].weight[5, 7], torch.tensor(1.0))
+    assert not fuses_exactly(fused, members)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_loaded_model_fuses_only_groups_that_keep_their_bits(tiny_model_dir, dtype):
+    """Whatever this CPU's kernels do, a fused group a load keeps gives each member's own packed
+    output bit for bit at every decoding width; float32 always fuses, and bfloat16 does where
+    AMX computes it (the speed it is kept for, README ``--dtype``)."""
+    from test_llama_family import _has_amx
+
+    model = load(resolve_model(str(tiny_model_dir("llama"))), device="cpu", dtype=str(dtype).split(".")[1]).model
+    groups = [(getattr(parent, name), [getattr(parent, m) for m in members]) for parent in model.modules()
+              for name, members in getattr(parent, "fused_linears", {}).items()]
+    fused = [(group, members) for group, members in groups if group is not None]
+    if dtype == torch.float32 or _has_amx():
+        assert len(fused) == len(groups) == 2 * len(model.model.layers)
+    generator = torch.Generator().manual_seed(1)
+    for group, members in fused:
+        alone = [PackedLinear.from_linear(m) for m in members]
+        for rows in CHECKED_ROWS:
+            x = torch.randn(*rows, members[0].in_features, generator=generator).to(dtype)
+            with torch.inference_mode():
+                assert all(torch.equal(got, layer(x)) for got, layer in zip(group(x), alone, strict=True)), rows
