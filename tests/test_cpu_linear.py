@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_llama_family import _has_amx
 from torch import nn
 
 from backends.torch_backend.cpu_linear import CHECKED_ROWS, PackedFused, PackedLinear, fuses_exactly, pack_linear_layers
@@ -106,23 +107,21 @@ def test_the_fusing_check_fails_on_other_bits():
     assert not fuses_exactly(fused, members)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_loaded_model_fuses_only_groups_that_keep_their_bits(tiny_model_dir, dtype):
     """Whatever this CPU's kernels do, a fused group a load keeps gives each member's own packed
-    output bit for bit at every decoding width; float32 always fuses, and bfloat16 does where
-    AMX computes it (the speed it is kept for, README ``--dtype``)."""
-    from test_llama_family import _has_amx
-
-    model = load(resolve_model(str(tiny_model_dir("llama"))), device="cpu", dtype=str(dtype).split(".")[1]).model
+    output bit for bit at every decoding width (fresh inputs, not the load's own check's); float32
+    always fuses, and bfloat16 does where AMX computes it (the speed it is kept for, README ``--dtype``)."""
+    model = load(resolve_model(str(tiny_model_dir("llama"))), device="cpu", dtype=dtype).model
     groups = [(getattr(parent, name), [getattr(parent, m) for m in members]) for parent in model.modules()
               for name, members in getattr(parent, "fused_linears", {}).items()]
     fused = [(group, members) for group, members in groups if group is not None]
-    if dtype == torch.float32 or _has_amx():
+    if dtype == "float32" or _has_amx():
         assert len(fused) == len(groups) == 2 * len(model.model.layers)
     generator = torch.Generator().manual_seed(1)
     for group, members in fused:
         alone = [PackedLinear.from_linear(m) for m in members]
         for rows in CHECKED_ROWS:
-            x = torch.randn(*rows, members[0].in_features, generator=generator).to(dtype)
+            x = torch.randn(*rows, members[0].in_features, generator=generator).to(getattr(torch, dtype))
             with torch.inference_mode():
                 assert all(torch.equal(got, layer(x)) for got, layer in zip(group(x), alone, strict=True)), rows
